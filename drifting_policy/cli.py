@@ -1,0 +1,58 @@
+"""`drifting-policy` console script: one entry point, one subcommand per job.
+
+    drifting-policy toy   ...                  2-D drifting demo
+    drifting-policy demos pusht --episodes N --out PATH.zarr
+    drifting-policy train task=pusht_lowdim policy=drifting [hydra overrides]
+    drifting-policy eval  --checkpoint DIR --n-test 50 --out DIR
+    drifting-policy bench latency --quick --out FILE.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # train takes hydra overrides (key=value), not argparse flags
+    if argv[:1] == ["train"]:
+        from drifting_policy import train
+
+        return train.main(argv[1:])
+    if argv[:1] == ["demos"]:
+        from envs import make_demos
+
+        return make_demos.main(argv[1:])
+
+    parser = argparse.ArgumentParser(
+        prog="drifting-policy", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="train a policy (hydra overrides: task=... policy=... key=value)")
+    sub.add_parser("demos", help="write expert demonstrations (see `demos --help`)")
+
+    from drifting_policy import eval as evaluation
+    from drifting_policy import toy
+    from drifting_policy.bench import add_arguments as bench_arguments
+
+    toy.add_arguments(sub.add_parser("toy", help="2-D drifting demo (mode recovery, figure)"))
+    evaluation.add_arguments(sub.add_parser("eval", help="evaluate a checkpoint in simulation"))
+    bench_arguments(sub.add_parser("bench", help="benchmarks (latency)"))
+
+    args = parser.parse_args(argv)
+    if args.command == "toy":
+        return toy.main(args)
+    if args.command == "eval":
+        return evaluation.main(args)
+    if args.command == "bench":
+        from drifting_policy.bench import main as bench_main
+
+        return bench_main(args)
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

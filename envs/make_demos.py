@@ -1,0 +1,182 @@
+"""`drifting-policy demos <task> --episodes N --out PATH`: scripted expert -> native dataset file.
+
+Each task is one entry of `TASKS`: where its per-episode collector lives (imported lazily, in
+the worker processes) and which writer produces its dataset format. Episodes run with seeds
+S, S+1, ... in parallel processes; only successful ones are kept, in seed order. The file is
+written to a hidden sibling directory and renamed into place at the end, so an interrupted
+run never leaves a half-written dataset, and an existing PATH is only replaced with --force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import multiprocessing
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+TARGET_CHUNK_BYTES = 2_000_000  # zarr chunks hold about this much, split along time only
+
+
+def write_zarr_replay(path: str | os.PathLike, episodes: Iterable[dict]) -> int:
+    """Write episodes as Diffusion Policy's zarr ReplayBuffer (zarr format 2) at `path`.
+
+    Layout: `data/<key>` time-major arrays (all episodes concatenated, chunked along time
+    only, Blosc-lz4 like DP's default), `meta/episode_ends` int64 cumulative end indices.
+    Each episode maps keys to arrays of equal length; non-array entries (flags such as
+    `success`) are not stored. Episodes are appended as they come, so a generator keeps
+    memory flat. Returns the number of episodes written.
+    """
+    import numcodecs
+    import zarr
+
+    root = zarr.open_group(str(path), mode="w", zarr_format=2)
+    data, meta = root.require_group("data"), root.require_group("meta")
+    compressor = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.NOSHUFFLE)
+    arrays: dict = {}
+    ends: list[int] = []
+    for index, episode in enumerate(episodes):
+        columns = {k: np.asarray(v) for k, v in episode.items() if isinstance(v, np.ndarray)}
+        lengths = {len(v) for v in columns.values()}
+        if len(lengths) != 1 or 0 in lengths:
+            raise ValueError(f"episode {index}: arrays must share one non-zero length, got "
+                             f"{ {k: v.shape for k, v in columns.items()} }")
+        if arrays and columns.keys() != arrays.keys():
+            raise ValueError(f"episode {index} has keys {sorted(columns)}, "
+                             f"expected {sorted(arrays)}")
+        for key, values in columns.items():
+            if key not in arrays:
+                step_bytes = values[0].nbytes or 1
+                chunk = max(1, TARGET_CHUNK_BYTES // step_bytes)
+                arrays[key] = data.create_array(
+                    key, shape=(0, *values.shape[1:]), dtype=values.dtype,
+                    chunks=(chunk, *values.shape[1:]), compressors=compressor)
+            array = arrays[key]
+            start = array.shape[0]
+            array.resize((start + len(values), *array.shape[1:]))
+            array[start:] = values
+        ends.append((ends[-1] if ends else 0) + lengths.pop())
+    if not ends:
+        raise ValueError("no episodes to write")
+    meta.create_array("episode_ends", data=np.array(ends, dtype=np.int64),
+                      chunks=(len(ends),), compressors=None)
+    return len(ends)
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    """How to make one task's demos: collector as "module:function" (seed -> episode dict
+    with per-step arrays and a `success` flag) and the writer of its dataset file."""
+
+    collect: str
+    write: Callable[[Path, Iterable[dict]], int]
+    help: str
+
+
+TASKS: dict[str, DemoTask] = {
+    "pusht": DemoTask(
+        collect="envs.pusht.expert:collect_episode",
+        write=write_zarr_replay,
+        help="PushT: zarr replay buffer with img, state, keypoint, action, n_contacts "
+             "(the layout of Diffusion Policy's pusht_cchi_v7_replay.zarr)"),
+}
+
+
+def _run_episode(collect: str, seed: int) -> dict:
+    """Worker entry point: import the collector named `collect` and run episode `seed`."""
+    module, function = collect.split(":")
+    return getattr(importlib.import_module(module), function)(seed)
+
+
+def _episodes(task: DemoTask, seeds: list[int], workers: int) -> Iterator[dict]:
+    """Collected episodes in seed order; a process pool when workers > 1."""
+    if workers <= 1:
+        yield from (_run_episode(task.collect, seed) for seed in seeds)
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        yield from pool.map(_run_episode, [task.collect] * len(seeds), seeds)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="drifting-policy demos",
+        description="Run a task's scripted expert and write its demonstrations in the "
+                    "task's native dataset format (failed episodes are dropped).")
+    tasks = parser.add_subparsers(dest="task", required=True, metavar="TASK")
+    for name, task in TASKS.items():
+        sub = tasks.add_parser(name, help=task.help, description=task.help)
+        sub.add_argument("--episodes", type=int, required=True,
+                         help="episodes to run (seeds SEED .. SEED+N-1)")
+        sub.add_argument("--out", type=Path, required=True, help="dataset path to create")
+        sub.add_argument("--seed", type=int, default=0, help="first episode seed (default 0)")
+        sub.add_argument("--force", action="store_true", help="replace an existing --out")
+        sub.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                         help="parallel processes (default: all cores)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exit_:  # --help or a usage error: argparse already printed why
+        return int(exit_.code or 0)
+    task = TASKS[args.task]
+    out: Path = args.out
+    if args.episodes < 1:
+        print("error: --episodes must be at least 1", file=sys.stderr)
+        return 2
+    if out.exists() and not args.force:
+        print(f"error: {out} already exists; pass --force to replace it", file=sys.stderr)
+        return 2
+
+    from tqdm import tqdm
+
+    seeds = list(range(args.seed, args.seed + args.episodes))
+    workers = max(1, min(args.workers, len(seeds)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    counts = {"run": 0, "kept": 0}
+
+    def successful(episodes: Iterable[dict]) -> Iterator[dict]:
+        bar = tqdm(episodes, total=len(seeds), desc=f"{args.task} expert", unit="episode")
+        for episode in bar:
+            counts["run"] += 1
+            if episode["success"]:
+                counts["kept"] += 1
+                yield episode
+            bar.set_postfix(success=f"{counts['kept']}/{counts['run']}")
+
+    try:
+        task.write(tmp, successful(_episodes(task, seeds, workers)))
+    except BaseException as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, ValueError) and counts["kept"] == 0:
+            print(f"error: the expert succeeded in none of {counts['run']} episodes; "
+                  "nothing written", file=sys.stderr)
+            return 1
+        raise
+
+    rate = counts["kept"] / counts["run"]
+    print(f"{args.task}: expert succeeded in {counts['kept']}/{counts['run']} episodes "
+          f"({rate:.1%}); keeping only the successful ones")
+    if out.exists():  # --force: swap in the new file, then drop the old one
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        tmp.rename(out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
