@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/drifting-policy toy --target gaussians8 --init collapsed --out $(DEMO_OUT)/toy
+	$(VENV)/bin/drifting-policy toy --out $(DEMO_OUT)/toy
+	$(VENV)/bin/drifting-policy demo --out $(DEMO_OUT)
 
 # pytest exits 5 when it collected nothing: that is a failure too, never a silent pass.
 test: $(STAMP)

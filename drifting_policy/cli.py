@@ -1,5 +1,6 @@
 """`drifting-policy` console script: one entry point, one subcommand per job.
 
+    drifting-policy demo                       PushT end to end on a CPU (make demo)
     drifting-policy toy   ...                  2-D drifting demo
     drifting-policy demos pusht --episodes N --out PATH.zarr
     drifting-policy train task=pusht_lowdim policy=drifting [hydra overrides]
@@ -33,17 +34,20 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("train", help="train a policy (hydra overrides: task=... policy=... key=value)")
     sub.add_parser("demos", help="write expert demonstrations (see `demos --help`)")
 
+    from drifting_policy import demo, toy
     from drifting_policy import eval as evaluation
-    from drifting_policy import toy
     from drifting_policy.bench import add_arguments as bench_arguments
 
     toy.add_arguments(sub.add_parser("toy", help="2-D drifting demo (mode recovery, figure)"))
     evaluation.add_arguments(sub.add_parser("eval", help="evaluate a checkpoint in simulation"))
+    demo.add_arguments(sub.add_parser("demo", help="the main job: PushT demos -> train -> eval"))
     bench_arguments(sub.add_parser("bench", help="benchmarks (latency)"))
 
     args = parser.parse_args(argv)
     if args.command == "toy":
         return toy.main(args)
+    if args.command == "demo":
+        return demo.main(args)
     if args.command == "eval":
         return evaluation.main(args)
     if args.command == "bench":

@@ -145,9 +145,9 @@ class ToyConfig:
     target: str = "gaussians8"
     init: str = "collapsed"
     steps: int = 1500
-    n_gen: int = 1024
-    n_data: int = 1024
-    lr: float = 1e-3
+    n_gen: int = 512
+    n_data: int = 512
+    lr: float = 3e-3
     affinity_floor: float = 0.0
     attraction_scale: float = 1.0
     seed: int = 0
@@ -160,6 +160,26 @@ def mode_counts(target: Target, samples: np.ndarray) -> np.ndarray:
     return np.bincount(labels[labels >= 0], minlength=target.n_modes)
 
 
+def spread_ratio(target: Target, samples: np.ndarray, data: np.ndarray) -> float:
+    """Mean over modes of (RMS radius of the samples in a mode / that of the data in it).
+
+    1 when each mode is filled like the data; < 1 when samples contract onto mode centres (the
+    fixed point of a field that is not anti-symmetric), > 1 when they smear out.
+    """
+    def radii(points: np.ndarray) -> dict[int, float]:
+        labels = target.assign(points)
+        out = {}
+        for m in range(target.n_modes):
+            p = points[labels == m]
+            if len(p) >= 10:
+                out[m] = float(np.sqrt(((p - p.mean(0)) ** 2).sum(1).mean()))
+        return out
+
+    rs, rd = radii(samples), radii(data)
+    common = [m for m in rs if m in rd]
+    return float(np.mean([rs[m] / rd[m] for m in common])) if common else float("nan")
+
+
 def train_toy(cfg: ToyConfig, snapshots: int = 6, progress: bool = True) -> dict:
     """Train the 2-D generator; returns metrics and `frames` [(step, samples [n, 2])] to plot."""
     if cfg.target not in TARGETS:
@@ -170,6 +190,8 @@ def train_toy(cfg: ToyConfig, snapshots: int = 6, progress: bool = True) -> dict
     gen = MLPGenerator()
     gen.initialise(cfg.init)
     opt = torch.optim.Adam(gen.parameters(), lr=cfg.lr)
+    # the drift-normalised force never shrinks, so a decaying lr lets samples settle
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
     fixed_eps = torch.randn(cfg.n_eval, gen.noise_dim)
     snap_steps = set(np.unique(np.geomspace(1, cfg.steps, snapshots - 1).astype(int)).tolist())
     frames, lambda_curve = [(0, gen(fixed_eps[:2048]).detach().numpy())], []
@@ -185,6 +207,7 @@ def train_toy(cfg: ToyConfig, snapshots: int = 6, progress: bool = True) -> dict
         opt.zero_grad(set_to_none=True)
         loss.mean().backward()
         opt.step()
+        sched.step()
         lam = {k: v.item() for k, v in info.items() if k.startswith("lambda/")}
         lambda_curve.append({"step": step, **lam})
         if step % 50 == 0:
@@ -206,6 +229,9 @@ def train_toy(cfg: ToyConfig, snapshots: int = 6, progress: bool = True) -> dict
         "on_support_fraction": float(counts.sum() / cfg.n_eval),
         "sw2": sliced_w2(samples, held_out),
         "sw2_data_baseline": sliced_w2(other, held_out),
+        "spread_ratio": spread_ratio(target, samples, held_out),
+        "final_lambda": {k: float(np.mean([c[k] for c in lambda_curve[-100:]]))
+                         for k in lambda_curve[-1] if k.startswith("lambda/")},
         "lambda_curve": lambda_curve,
         "frames": frames,
         "held_out": held_out,
@@ -222,7 +248,9 @@ def plot_evolution(result: dict, path: Path) -> None:
     frames = result["frames"]
     fig, axes = plt.subplots(1, len(frames) + 1, figsize=(3 * (len(frames) + 1), 3.2))
     data = result["held_out"][:2048]
-    lim = max(1.3, float(np.abs(np.concatenate([f[1] for f in frames])).max()) * 1.05)
+    # frame the data and the bulk of the samples; stray early samples may leave the frame
+    bulk = np.percentile(np.abs(np.concatenate([f[1] for f in frames])), 98)
+    lim = float(np.clip(bulk * 1.1, 1.3, 6.0))
     for ax, (step, pts) in zip(axes, frames):
         ax.scatter(data[:, 0], data[:, 1], s=1, c="tab:blue", alpha=0.3, label="data")
         ax.scatter(pts[:, 0], pts[:, 1], s=1, c="tab:orange", alpha=0.6, label="samples")

@@ -162,7 +162,8 @@ class TrainWorkspace:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Validation loss and the action MSE of predict_action against the expert chunk."""
+        """Validation loss and the MSE of predict_action's chunk against the expert's (both
+        normalised to [-1, 1], so tasks compare)."""
         cfg = self.cfg.training
         if len(self.val_dataset) == 0:
             return {}
@@ -174,8 +175,9 @@ class TrainWorkspace:
             batch = _to(batch, self.device)
             losses.append(policy.compute_loss(batch).item())
             obs = batch["obs"] if isinstance(batch["obs"], dict) else {"obs": batch["obs"]}
-            pred = policy.predict_action(obs)["action_pred"]
-            mses.append(torch.nn.functional.mse_loss(pred, batch["action"]).item())
+            norm = policy.normalizer["action"]
+            pred = norm.normalize(policy.predict_action(obs)["action_pred"])
+            mses.append(torch.nn.functional.mse_loss(pred, norm.normalize(batch["action"])).item())
         return {"val/loss": sum(losses) / len(losses), "val/action_mse": sum(mses) / len(mses)}
 
     def rollout(self, video_dir: Path | None) -> dict:
@@ -233,7 +235,8 @@ class TrainWorkspace:
         while self.step < stop_at and self.train_seconds < budget:
             loader = torch.utils.data.DataLoader(
                 self.dataset, batch_sampler=self.batches.remaining(), num_workers=t.num_workers,
-                pin_memory=self.device.type == "cuda", persistent_workers=False,
+                pin_memory=self.device.type == "cuda",
+                generator=torch.Generator(),  # keeps the global RNG untouched (exact resume)
             )
             for batch in loader:
                 t0 = time.perf_counter()

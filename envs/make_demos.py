@@ -13,7 +13,6 @@ import argparse
 import importlib
 import multiprocessing
 import os
-import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -22,52 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-TARGET_CHUNK_BYTES = 2_000_000  # zarr chunks hold about this much, split along time only
 
 
 def write_zarr_replay(path: str | os.PathLike, episodes: Iterable[dict]) -> int:
-    """Write episodes as Diffusion Policy's zarr ReplayBuffer (zarr format 2) at `path`.
+    """Diffusion Policy's zarr replay buffer (format 2) from the episodes' per-step arrays;
+    non-array entries (flags such as `success`) are not stored. Streams, so memory stays flat."""
+    from drifting_policy.data.replay_buffer import write_replay_atomic
 
-    Layout: `data/<key>` time-major arrays (all episodes concatenated, chunked along time
-    only, Blosc-lz4 like DP's default), `meta/episode_ends` int64 cumulative end indices.
-    Each episode maps keys to arrays of equal length; non-array entries (flags such as
-    `success`) are not stored. Episodes are appended as they come, so a generator keeps
-    memory flat. Returns the number of episodes written.
-    """
-    import numcodecs
-    import zarr
-
-    root = zarr.open_group(str(path), mode="w", zarr_format=2)
-    data, meta = root.require_group("data"), root.require_group("meta")
-    compressor = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.NOSHUFFLE)
-    arrays: dict = {}
-    ends: list[int] = []
-    for index, episode in enumerate(episodes):
-        columns = {k: np.asarray(v) for k, v in episode.items() if isinstance(v, np.ndarray)}
-        lengths = {len(v) for v in columns.values()}
-        if len(lengths) != 1 or 0 in lengths:
-            raise ValueError(f"episode {index}: arrays must share one non-zero length, got "
-                             f"{ {k: v.shape for k, v in columns.items()} }")
-        if arrays and columns.keys() != arrays.keys():
-            raise ValueError(f"episode {index} has keys {sorted(columns)}, "
-                             f"expected {sorted(arrays)}")
-        for key, values in columns.items():
-            if key not in arrays:
-                step_bytes = values[0].nbytes or 1
-                chunk = max(1, TARGET_CHUNK_BYTES // step_bytes)
-                arrays[key] = data.create_array(
-                    key, shape=(0, *values.shape[1:]), dtype=values.dtype,
-                    chunks=(chunk, *values.shape[1:]), compressors=compressor)
-            array = arrays[key]
-            start = array.shape[0]
-            array.resize((start + len(values), *array.shape[1:]))
-            array[start:] = values
-        ends.append((ends[-1] if ends else 0) + lengths.pop())
-    if not ends:
-        raise ValueError("no episodes to write")
-    meta.create_array("episode_ends", data=np.array(ends, dtype=np.int64),
-                      chunks=(len(ends),), compressors=None)
-    return len(ends)
+    arrays = ({k: v for k, v in ep.items() if isinstance(v, np.ndarray)} for ep in episodes)
+    return write_replay_atomic(path, arrays)
 
 
 @dataclass(frozen=True)
@@ -100,9 +62,11 @@ def _episodes(task: DemoTask, seeds: list[int], workers: int) -> Iterator[dict]:
     if workers <= 1:
         yield from (_run_episode(task.collect, seed) for seed in seeds)
         return
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
         yield from pool.map(_run_episode, [task.collect] * len(seeds), seeds)
+    finally:  # on an error or Ctrl-C, drop the episodes not started yet instead of waiting
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -142,7 +106,6 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(range(args.seed, args.seed + args.episodes))
     workers = max(1, min(args.workers, len(seeds)))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     counts = {"run": 0, "kept": 0}
 
     def successful(episodes: Iterable[dict]) -> Iterator[dict]:
@@ -154,26 +117,17 @@ def main(argv: list[str] | None = None) -> int:
                 yield episode
             bar.set_postfix(success=f"{counts['kept']}/{counts['run']}")
 
-    try:
-        task.write(tmp, successful(_episodes(task, seeds, workers)))
-    except BaseException as error:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(error, ValueError) and counts["kept"] == 0:
+    try:  # the writer builds the file under a temporary name and moves it into place
+        task.write(out, successful(_episodes(task, seeds, workers)))
+    except ValueError:
+        if counts["kept"] == 0:
             print(f"error: the expert succeeded in none of {counts['run']} episodes; "
                   "nothing written", file=sys.stderr)
             return 1
         raise
-
     rate = counts["kept"] / counts["run"]
     print(f"{args.task}: expert succeeded in {counts['kept']}/{counts['run']} episodes "
           f"({rate:.1%}); keeping only the successful ones")
-    if out.exists():  # --force: swap in the new file, then drop the old one
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    else:
-        tmp.rename(out)
     print(f"wrote {out}")
     return 0
 

@@ -44,19 +44,19 @@ def test_same_seed_same_trajectory_other_seed_differs():
     assert not np.allclose(obs_a, obs_c)
 
 
-def test_reset_uses_diffusion_policys_ranges():
+def test_reset_uses_diffusion_policys_initial_states():
     env = PushTEnv(obs_type="state")
-    # DP draws np.random.RandomState(seed): randint(50, 450) x2, randint(100, 400) x2, randn
-    np.testing.assert_allclose(PushTEnv.initial_state(0)[:4], [222, 97, 217, 292])
     for seed in range(40):
-        env.reset(seed=seed)
-        expected = PushTEnv.initial_state(seed)
+        rs = np.random.RandomState(seed)  # DP's draw: agent xy, block xy, block angle
+        agent = [rs.randint(50, 450), rs.randint(50, 450)]
+        block = [rs.randint(100, 400), rs.randint(100, 400)]
+        angle = rs.randn() * 2 * np.pi - np.pi
+        _, info = env.reset(seed=seed)
         state = env.get_state()
-        np.testing.assert_array_equal(state[:2], expected[:2])  # the pusher is not pushed
-        assert np.all((50 <= expected[:2]) & (expected[:2] < 450))
-        assert np.all((100 <= expected[2:4]) & (expected[2:4] < 400))
-        assert -np.pi - 30 < expected[4] < 30  # randn * 2pi - pi
+        np.testing.assert_array_equal(state[:2], agent)  # the pusher is never pushed back
         assert 0 <= state[4] < 2 * np.pi
+        if np.linalg.norm(np.subtract(agent, block)) > 150:  # pusher clear of the T
+            np.testing.assert_allclose(info["block_pose"], [*block, angle], atol=1e-9)
     first, _ = env.reset()
     second, _ = env.reset()
     assert not np.array_equal(first, second)  # unseeded resets draw new layouts

@@ -174,18 +174,9 @@ class ReplayBuffer:
                 tmp.unlink()
 
     def _write_group(self, root: zarr.Group, chunk_length: int | None) -> None:
-        data = root.create_group("data")
-        for key, value in self.data.items():
-            step_bytes = max(1, value.dtype.itemsize * math.prod(value.shape[1:]))
-            length = chunk_length or math.ceil(_TARGET_CHUNK_BYTES / step_bytes)
-            length = max(1, min(length, value.shape[0]))
-            array = data.create_array(key, shape=value.shape, dtype=value.dtype,
-                                      chunks=(length,) + value.shape[1:], compressors=_COMPRESSOR)
-            array[...] = value
-        meta = root.create_group("meta")
-        ends = meta.create_array("episode_ends", shape=self._episode_ends.shape, dtype=np.int64,
-                                 chunks=(max(1, len(self._episode_ends)),), compressors=None)
-        ends[...] = self._episode_ends
+        writer = ZarrReplayWriter(root, chunk_length)
+        writer.add_episodes(self.data, self.episode_lengths)
+        writer.close()
 
     # ------------------------------------------------------------------ reading
     @classmethod
@@ -253,6 +244,79 @@ class ReplayBuffer:
                 )
             arrays[key] = _read(data[key], path, f"data/{key}")
         return cls(arrays, episode_ends)
+
+
+class ZarrReplayWriter:
+    """Stream episodes into an empty zarr group in Diffusion Policy's layout.
+
+    Arrays are created from the first block and grow along time, so memory stays at one block
+    (e.g. one episode of images). ``close()`` writes ``meta/episode_ends``.
+    """
+
+    def __init__(self, root: zarr.Group, chunk_length: int | None = None) -> None:
+        self.root, self.chunk_length = root, chunk_length
+        self.arrays: dict[str, zarr.Array] = {}
+        self.ends: list[int] = []
+
+    def add_episode(self, episode: Mapping[str, np.ndarray]) -> None:
+        """episode: {key: [L, ...]} with one L > 0 for every key."""
+        lengths = {len(v) for v in episode.values()}
+        if len(lengths) != 1 or 0 in lengths:
+            raise ValueError(f"episode {len(self.ends)}: arrays must share one non-zero length, "
+                             f"got { {k: np.shape(v) for k, v in episode.items()} }")
+        self.add_episodes(episode, [lengths.pop()])
+
+    def add_episodes(self, columns: Mapping[str, np.ndarray], lengths) -> None:
+        """columns: {key: [sum(lengths), ...]} holding consecutive episodes of these lengths."""
+        if self.arrays and set(columns) != set(self.arrays):
+            raise ValueError(f"episode {len(self.ends)} has keys {sorted(columns)}, "
+                             f"expected {sorted(self.arrays)}")
+        data = self.root.require_group("data")
+        for key, value in columns.items():
+            value = np.asarray(value)
+            if key not in self.arrays:
+                step_bytes = max(1, value.dtype.itemsize * math.prod(value.shape[1:]))
+                length = self.chunk_length or math.ceil(_TARGET_CHUNK_BYTES / step_bytes)
+                length = max(1, min(length, value.shape[0]))
+                self.arrays[key] = data.create_array(
+                    key, shape=value.shape, dtype=value.dtype,
+                    chunks=(length,) + value.shape[1:], compressors=_COMPRESSOR)
+                self.arrays[key][...] = value
+            else:
+                array = self.arrays[key]
+                start = array.shape[0]
+                array.resize((start + len(value), *array.shape[1:]))
+                array[start:] = value
+        for n in lengths:
+            self.ends.append((self.ends[-1] if self.ends else 0) + int(n))
+
+    def close(self) -> int:
+        """Write meta/episode_ends; returns the number of episodes."""
+        ends = np.asarray(self.ends, dtype=np.int64)
+        meta = self.root.require_group("meta")
+        array = meta.create_array("episode_ends", shape=ends.shape, dtype=np.int64,
+                                  chunks=(max(1, len(ends)),), compressors=None)
+        array[...] = ends
+        return len(ends)
+
+
+def write_replay_atomic(path: str | os.PathLike, episodes, chunk_length: int | None = None) -> int:
+    """Stream `episodes` ({key: [L, ...]} each) to a zarr format-2 directory at `path`, built
+    under a temporary sibling name and moved into place (replacing `path`) only when complete.
+    Returns the number of episodes; raises ValueError when there are none."""
+    path = Path(path).expanduser()
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        writer = ZarrReplayWriter(zarr.open_group(tmp, mode="w", zarr_format=2), chunk_length)
+        for episode in episodes:
+            writer.add_episode(episode)
+        if not writer.ends:
+            raise ValueError(f"{path}: no episodes to write")
+        n = writer.close()
+        _replace_dir(tmp, path)
+        return n
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read(array: zarr.Array, path: Path, name: str) -> np.ndarray:

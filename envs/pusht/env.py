@@ -94,6 +94,8 @@ def coverage(block_pose, goal_pose=GOAL_POSE) -> float:
 
 
 class _ContactCounter:
+    """Contact points seen by the collision callback since the last reset of `count`."""
+
     count = 0
 
 
@@ -112,17 +114,17 @@ class PushTPhysics:
         self.space = space = pymunk.Space()
         space.gravity = (0, 0)
         space.damping = 0  # bodies lose all velocity every step: quasi-static pushing
-        corners = [(5, 506), (5, 5), (506, 5), (506, 506)]
-        space.add(*[pymunk.Segment(space.static_body, a, b, 2)
-                    for a, b in [(corners[0], corners[1]), (corners[1], corners[2]),
-                                 (corners[2], corners[3]), (corners[0], corners[3])]])
+        walls = [((5, 506), (5, 5)), ((5, 5), (506, 5)), ((506, 5), (506, 506)),
+                 ((5, 506), (506, 506))]
+        space.add(*[pymunk.Segment(space.static_body, a, b, 2) for a, b in walls])
 
         self.agent = pymunk.Body(body_type=pymunk.Body.KINEMATIC)
         self.agent.position = (256, 400)
         space.add(self.agent, pymunk.Circle(self.agent, AGENT_RADIUS))
 
         # DP sums the bar's moment twice (a quirk kept for identical dynamics) and puts the
-        # centre of gravity halfway between the two parts' centroids.
+        # centre of gravity halfway between the two parts' centroids. Shapes keep pymunk's
+        # default friction 0 (DP's `body.friction = 1` sets no shape property).
         self.block = pymunk.Body(1, 2 * pymunk.moment_for_poly(1, T_BAR.tolist()))
         bar = pymunk.Poly(self.block, T_BAR.tolist())
         stem = pymunk.Poly(self.block, T_STEM.tolist())

@@ -2,14 +2,14 @@
 
 The expert alternates two phases:
 
-1. plan: sample contact points along the T's eight edges; for each, place a scratch copy of
-   the simulator's pusher just off the edge and push straight into it (along the edge's inward
-   normal) for a growing number of control steps, recording the block pose after each step.
-   Score every (contact, length) by the block's remaining pose error (RMS displacement of
-   points spread over the T) plus a small cost for the travel to the contact. The best few are
-   re-simulated exactly as they will be executed (advance, then hold to let the pusher stop);
-   one is drawn at random among those close to the best, which gives the demos some natural
-   multimodality (which side to push, where) while staying seeded.
+1. plan: sample contact points along the T's eight edges; for each, put the pusher of a fresh
+   scratch simulator just off the edge and push straight in (along the edge's inward normal),
+   recording the block pose after every control step. Score each (contact, push length) by
+   progress per control step: reduction of the block's pose error (RMS displacement of points
+   spread over the T) divided by the steps spent travelling there and pushing. The best few
+   are re-simulated exactly as they will be executed (advance, then hold so the pusher comes
+   to rest); one is drawn at random among those close to the best, which gives the demos some
+   natural multimodality (which side, where) while staying seeded.
 2. execute: travel to the pre-contact point along a collision-free path around the block
    (a small visibility graph on the block inflated by the pusher's radius), then replay the
    push targets open loop, then plan again. A travel is re-planned if the block moved.
@@ -38,6 +38,7 @@ from envs.pusht.env import (
     PushTPhysics,
     block_keypoints,
     body_to_world,
+    rotation,
 )
 
 GAP = 4.0  # px between pusher and edge at the pre-contact point
@@ -74,28 +75,18 @@ def pose_error(pose, goal=GOAL_POSE) -> float:
     return float(np.sqrt((diff**2).sum(-1).mean()))
 
 
-def _t_edges() -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """The T outline's edges in the body frame: (start, end, outward unit normal)."""
+def _contact_samples() -> tuple[np.ndarray, np.ndarray]:
+    """Contact points (K, 2) spread along the T's outline and the inward edge normals (K, 2)
+    there, body frame."""
     outline = np.array([[-60, 0], [60, 0], [60, 30], [15, 30], [15, 120], [-15, 120],
                         [-15, 30], [-60, 30]], dtype=np.float64)  # clockwise on screen
-    edges = []
+    points, normals = [], []
     for a, b in zip(outline, np.roll(outline, -1, axis=0), strict=True):
         tangent = (b - a) / np.linalg.norm(b - a)
-        edges.append((a, b, np.array([tangent[1], -tangent[0]])))
-    return edges
-
-
-T_EDGES = _t_edges()
-
-
-def _contact_samples() -> tuple[np.ndarray, np.ndarray]:
-    """Sampled contact points (K, 2) and inward push directions (K, 2), body frame."""
-    points, normals = [], []
-    for a, b, outward in T_EDGES:
         n = max(1, int(np.linalg.norm(b - a) // CONTACT_SPACING))
         for s in (np.arange(n) + 0.5) / n:
             points.append(a + s * (b - a))
-            normals.append(-outward)
+            normals.append(np.array([-tangent[1], tangent[0]]))
     return np.array(points), np.array(normals)
 
 
@@ -107,7 +98,6 @@ class _Push:
     start: np.ndarray  # pusher position to reach before replaying `targets`
     targets: list[np.ndarray]  # control targets from `start` on
     block_pose: np.ndarray  # block pose the push was planned for
-    expected_error: float
 
 
 def _block_geometry(block_pose) -> sg.MultiPolygon:
@@ -297,12 +287,12 @@ class PushTExpert:
             targets = _push_targets(starts[i], directions[i], speed, max(1, j + 1 - HOLD_STEPS))
             expected = pose_error(_simulate(block_pose, starts[i], targets)[-1])
             rate = (error - expected) / (travel_steps[i] + len(targets))
-            candidates.append((rate, expected, starts[i], targets))
+            candidates.append((rate, starts[i], targets))
         rates = np.array([c[0] for c in candidates])
         # draw among the pushes nearly as good as the best (multimodal, seeded demos)
         near_best = np.flatnonzero(rates >= rates.max() - max(0.02, 0.15 * abs(rates.max())))
-        _, expected, start, targets = candidates[int(self.rng.choice(near_best))]
-        return _Push(start, targets, block_pose, expected)
+        _, start, targets = candidates[int(self.rng.choice(near_best))]
+        return _Push(start, targets, block_pose)
 
     @staticmethod
     def _contacts(block_pose) -> tuple[np.ndarray, np.ndarray]:
@@ -310,10 +300,8 @@ class PushTExpert:
 
         Keeps those where the pusher stays inside the walls and touches only its own edge.
         """
-        rot = np.array([[math.cos(block_pose[2]), -math.sin(block_pose[2])],
-                        [math.sin(block_pose[2]), math.cos(block_pose[2])]])
         contacts = body_to_world(CONTACT_POINTS, block_pose)
-        directions = PUSH_DIRECTIONS @ rot.T
+        directions = PUSH_DIRECTIONS @ rotation(block_pose[2]).T
         starts = contacts - directions * (AGENT_RADIUS + GAP)
         inside = ((starts >= WORKSPACE_MIN) & (starts <= WORKSPACE_MAX)).all(1)
         clearance = shapely.distance(_block_geometry(block_pose), shapely.points(starts))

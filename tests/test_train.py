@@ -1,0 +1,180 @@
+"""End to end on real PushT data: train -> checkpoint -> interrupt -> resume -> eval, plus the
+checkpoint's failure modes."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from drifting_policy import checkpoint as ckpt
+from drifting_policy.config import compose
+from drifting_policy.data.replay_buffer import ReplayBuffer
+from drifting_policy.eval import evaluate
+from drifting_policy.train import TrainWorkspace
+from envs.pusht.env import PushTEnv
+
+
+@pytest.fixture(scope="module")
+def pusht_zarr(tmp_path_factory) -> Path:
+    """A small PushT replay buffer in DP's layout (img, state, keypoint, action), from seeded
+    random-walk episodes."""
+    rng = np.random.default_rng(0)
+    env = PushTEnv(obs_type="keypoints")
+    buf = ReplayBuffer.empty()
+    for ep in range(4):
+        obs, _ = env.reset(seed=ep)
+        target = env.get_state()[:2].astype(np.float64)
+        rows = {"keypoint": [], "state": [], "action": [], "img": []}
+        for _ in range(24):
+            target = np.clip(target + rng.normal(0, 20, 2), 0, 512)
+            rows["img"].append(env.render())
+            rows["keypoint"].append(obs[:18].reshape(9, 2))
+            rows["state"].append(env.get_state())
+            rows["action"].append(target.astype(np.float32))
+            obs, *_ = env.step(target)
+        buf.add_episode({k: np.asarray(v, dtype=np.float32) for k, v in rows.items()})
+    path = tmp_path_factory.mktemp("data") / "pusht.zarr"
+    buf.save(path)
+    return path
+
+
+def _cfg(run_dir: Path, data: Path, policy: str = "drifting", **extra):
+    overrides = [
+        f"policy={policy}", f"run_dir={run_dir}", f"task.dataset.path={data}",
+        "task.dataset.val_ratio=0.25", "device=cpu", "logging.mode=disabled",
+        "policy.down_dims=[16,32]", "policy.diffusion_step_embed_dim=16",
+        "training.batch_size=8", "training.num_steps=6", "training.lr_warmup_steps=2",
+        "training.checkpoint_every=2", "training.val_every=3", "training.rollout_every=6",
+        "training.rollout.n_test=2", "training.rollout.n_videos=1", "task.runner.n_envs=1",
+        "task.env.max_steps=16", "training.log_every=1",
+    ]
+    return compose("train_policy", overrides + [f"{k}={v}" for k, v in extra.items()])
+
+
+def _weights(path: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "checkpoints" / "latest" / name))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_train_interrupt_resume_is_exact_then_eval(tmp_path, pusht_zarr):
+    # uninterrupted reference run
+    full = TrainWorkspace(_cfg(tmp_path / "full", pusht_zarr))
+    full.run()
+    # the same run interrupted after step 3 (last checkpoint at step 2), then resumed
+    part = TrainWorkspace(_cfg(tmp_path / "part", pusht_zarr))
+    part.run(until_step=3)
+    assert ckpt.load_train_state(tmp_path / "part/checkpoints/latest")["step"] == 2
+    resumed = TrainWorkspace(_cfg(tmp_path / "part", pusht_zarr, resume="true"))
+    assert resumed.step == 2
+    resumed.run()
+    assert resumed.step == full.step == 6
+    for name in (ckpt.MODEL, ckpt.EMA):
+        a, b = _weights(tmp_path / "full", name), _weights(tmp_path / "part", name)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{name}:{k}")
+
+    logs = [json.loads(line) for line in (tmp_path / "full/logs.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert any("val/action_mse" in r for r in logs)
+    rollout = [r for r in logs if "test/mean_score" in r]
+    assert len(rollout) == 1 and 0.0 <= rollout[0]["test/mean_score"] <= 1.0
+    # the rollout's checkpoint joined the top-k
+    topk = [p.name for p in (tmp_path / "full/checkpoints").iterdir() if "score" in p.name]
+    assert len(topk) == 1 and topk[0].startswith("step_0000006")
+
+    out = tmp_path / "eval"
+    result = evaluate(tmp_path / "full/checkpoints/latest", out, n_test=3, n_envs=1, n_videos=1,
+                      progress=False)
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["mean_score"] == pytest.approx(np.mean([s["score"] for s in saved["per_seed"]]))
+    assert [s["seed"] for s in saved["per_seed"]] == [100000, 100001, 100002]
+    assert result["videos"] and Path(result["videos"][0]).stat().st_size > 0
+
+
+def test_diffusion_baseline_trains_and_checkpoints(tmp_path, pusht_zarr):
+    ws = TrainWorkspace(_cfg(tmp_path, pusht_zarr, policy="diffusion",
+                             **{"training.rollout_every": 0, "training.num_steps": 2}))
+    ws.run()
+    policy, cfg = ckpt.load_policy(tmp_path / "checkpoints/latest")
+    assert cfg.policy._target_.endswith("DiffusionPolicy")
+    obs = {"obs": torch.rand(1, 2, 20) * 512}
+    assert policy.predict_action(obs)["action"].shape == (1, 8, 2)
+
+
+def test_checkpoint_write_is_atomic_and_loading_validates(tmp_path, pusht_zarr, monkeypatch):
+    ws = TrainWorkspace(_cfg(tmp_path, pusht_zarr))
+    latest = ws.save("latest")
+    before = load_file(str(latest / ckpt.MODEL))
+
+    # a crash in the middle of writing leaves the previous checkpoint untouched
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ckpt.torch, "save", boom)
+    with torch.no_grad():
+        next(ws.policy.parameters()).add_(1.0)
+    with pytest.raises(RuntimeError, match="disk full"):
+        ws.save("latest")
+    monkeypatch.undo()
+    after = load_file(str(latest / ckpt.MODEL))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not [p for p in latest.parent.iterdir() if p.name.startswith(".")]
+
+    # train state is plain data: loads with weights_only=True
+    state = torch.load(latest / ckpt.STATE, weights_only=True)
+    assert state["step"] == 0
+    # a corrupt weights file and a missing file give clear errors
+    (latest / ckpt.MODEL).write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors"):
+        ckpt.load_policy(latest, ema=False)
+    (latest / ckpt.CONFIG).unlink()
+    with pytest.raises(FileNotFoundError, match="missing config.yaml"):
+        ckpt.load_policy(latest)
+
+
+def test_image_policy_trains_and_rolls_out(tmp_path, pusht_zarr):
+    ws = TrainWorkspace(_cfg(tmp_path, pusht_zarr, task="pusht_image", **{
+        "training.num_steps": 2, "training.batch_size": 4, "training.rollout_every": 2,
+        "training.rollout.n_test": 1, "task.env.max_steps": 8}))
+    batch = ws.dataset[0]
+    assert batch["obs"]["image"].shape == (16, 3, 96, 96)
+    seen = batch["obs"]["image"][:2]  # first_k: only the To conditioning frames are read
+    assert 0.0 <= seen.min() and seen.max() <= 1.0 and seen.std() > 0.05
+    metrics = ws.run()
+    assert 0.0 <= metrics["test/mean_score"] <= 1.0
+    policy, _ = ckpt.load_policy(tmp_path / "checkpoints/latest")
+    assert policy.obs_encoder.rgb_keys == ["image"]
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_ddp_two_processes(tmp_path, pusht_zarr):
+    """DistributedDataParallel on CPU (gloo): both ranks train in lock step, rank 0 saves."""
+    import subprocess
+    import sys
+
+    overrides = [
+        "policy=drifting", f"run_dir={tmp_path}", f"task.dataset.path={pusht_zarr}",
+        "device=cpu", "logging.mode=disabled", "policy.down_dims=[16,32]",
+        "policy.diffusion_step_embed_dim=16", "training.batch_size=4", "training.num_steps=3",
+        "training.rollout_every=0", "training.checkpoint_every=0", "training.val_every=0",
+    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29517", "-m", "drifting_policy.cli", "train", *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = ckpt.load_train_state(tmp_path / "checkpoints/latest")
+    assert state["step"] == 3
+    # each rank consumed its own half of every epoch's shuffled order
+    assert state["batches"]["consumed"] == 3
