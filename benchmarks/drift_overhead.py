@@ -15,24 +15,13 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from drifting_policy.bench import time_ms
 from drifting_policy.drift import drift_loss
 from drifting_policy.nn.unet1d import ConditionalUnet1D
-
-
-def median_ms(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -67,8 +56,8 @@ def main() -> None:
             gen.grad = None
             drift_loss(gen, pos)[0].mean().backward()
 
-        net_ms = median_ms(net_step, args.repeats)
-        drift_ms = median_ms(drift_step, args.repeats)
+        net_ms = statistics.median(time_ms(net_step, args.repeats, warmup=2))
+        drift_ms = statistics.median(time_ms(drift_step, args.repeats, warmup=2))
         rows.append({"G": g, "chunks": b * g, "net_ms": net_ms, "drift_ms": drift_ms,
                      "drift_share": drift_ms / (net_ms + drift_ms)})
 

@@ -21,9 +21,14 @@ from drifting_policy.rollout.runner import EnvRunner
 
 def evaluate(checkpoint: Path, out: Path, n_test: int | None = None, n_envs: int | None = None,
              n_videos: int | None = None, ema: bool = True, device: str = "cpu",
-             progress: bool = True) -> dict:
-    """Evaluate; returns (and writes to out/eval.json) the runner's result."""
-    policy, cfg = load_policy(checkpoint, ema=ema, device=device)
+             progress: bool = True, policy=None) -> dict:
+    """Evaluate; returns (and writes to out/eval.json) the runner's result.
+
+    `policy` replaces the checkpoint's weights when given (e.g. the same weights with another
+    sampler); the task and runner still come from the checkpoint's config.
+    """
+    loaded, cfg = load_policy(checkpoint, ema=ema, device=device)
+    policy = policy if policy is not None else loaded
     runner_cfg = OmegaConf.to_container(cfg.task.runner, resolve=True)
     for key, value in (("n_test", n_test), ("n_envs", n_envs), ("n_videos", n_videos)):
         if value is not None:

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 
-
 def write_zarr_replay(path: str | os.PathLike, episodes: Iterable[dict]) -> int:
     """Diffusion Policy's zarr replay buffer (format 2) from the episodes' per-step arrays;
     non-array entries (flags such as `success`) are not stored. Streams, so memory stays flat."""

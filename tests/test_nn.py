@@ -14,6 +14,8 @@ from drifting_policy.nn.obs_encoder import (
 )
 from drifting_policy.nn.unet1d import ConditionalUnet1D
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 TINY = dict(
     input_dim=3,
     global_cond_dim=6,
@@ -23,14 +25,6 @@ TINY = dict(
     n_groups=4,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These nets are tiny: one thread avoids OpenMP contention on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def n_params(module: nn.Module) -> int:

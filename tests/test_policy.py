@@ -8,13 +8,8 @@ from drifting_policy.nn.normalizer import LinearNormalizer
 from drifting_policy.policy.diffusion import DiffusionPolicy
 from drifting_policy.policy.drifting import DriftingPolicy
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("obs", ["lowdim", "image"])

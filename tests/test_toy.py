@@ -48,13 +48,13 @@ def test_release_affinity_floor_keeps_many_samples_collapsed():
 
 
 def test_broken_antisymmetry_hurts(standard):
-    """Attraction x1.5: the field no longer vanishes at p = q, so lambda_R stays higher and the
-    samples contract onto the mode centres."""
+    """Attraction x1.5: the field no longer vanishes at p = q, so its fixed point is not the
+    data — samples contract onto the mode centres (within-mode spread well below the data's),
+    while the anti-symmetric field fills each mode at least as widely as the data does."""
     broken = train_toy(ToyConfig(attraction_scale=1.5), progress=False)
-    lam_std = sum(standard["final_lambda"].values())
-    lam_broken = sum(broken["final_lambda"].values())
-    assert lam_broken > 1.5 * lam_std
-    assert broken["spread_ratio"] < standard["spread_ratio"] - 0.1
+    assert broken["spread_ratio"] < 0.95
+    assert standard["spread_ratio"] > 1.0
+    assert standard["spread_ratio"] - broken["spread_ratio"] > 0.15
 
 
 def test_field_at_equilibrium_is_noise_unless_antisymmetry_is_broken():

@@ -16,6 +16,8 @@ from drifting_policy.eval import evaluate
 from drifting_policy.train import TrainWorkspace
 from envs.pusht.env import PushTEnv
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 @pytest.fixture(scope="module")
 def pusht_zarr(tmp_path_factory) -> Path:
@@ -57,13 +59,6 @@ def _cfg(run_dir: Path, data: Path, policy: str = "drifting", **extra):
 def _weights(path: Path, name: str) -> dict[str, torch.Tensor]:
     return load_file(str(path / "checkpoints" / "latest" / name))
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_train_interrupt_resume_is_exact_then_eval(tmp_path, pusht_zarr):

@@ -35,13 +35,6 @@ class DiffusionPolicy(ChunkPolicy):
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler: expected one of {sorted(SCHEDULERS)}, got {scheduler!r}")
-        if not 1 <= num_inference_steps <= num_train_timesteps:
-            raise ValueError(
-                f"num_inference_steps: expected 1..{num_train_timesteps}, "
-                f"got {num_inference_steps}"
-            )
         if prediction_type not in ("epsilon", "sample"):
             raise ValueError(
                 f"prediction_type: expected epsilon or sample, got {prediction_type!r}"
@@ -49,7 +42,18 @@ class DiffusionPolicy(ChunkPolicy):
         kw = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
                   clip_sample=clip_sample, prediction_type=prediction_type)
         self.train_scheduler = DDPMScheduler(variance_type="fixed_small", **kw)
-        self.inference_scheduler = SCHEDULERS[scheduler](**kw)
+        self.set_inference(scheduler, num_inference_steps)
+
+    def set_inference(self, scheduler: str, num_inference_steps: int) -> None:
+        """Choose the sampler (same weights): "ddpm" or "ddim" with num_inference_steps NFE."""
+        n_train = self.train_scheduler.config.num_train_timesteps
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler: expected one of {sorted(SCHEDULERS)}, got {scheduler!r}")
+        if not 1 <= num_inference_steps <= n_train:
+            raise ValueError(
+                f"num_inference_steps: expected 1..{n_train}, got {num_inference_steps}"
+            )
+        self.inference_scheduler = SCHEDULERS[scheduler].from_config(self.train_scheduler.config)
         self.num_inference_steps = num_inference_steps
 
     def sample(self, noise, cond, generator=None):
