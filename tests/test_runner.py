@@ -1,0 +1,84 @@
+"""The one env runner: DP's multistep protocol, per-seed results, failures that do not stop a run."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from drifting_policy.rollout.runner import EnvRunner
+from drifting_policy.rollout.wrappers import MultiStepWrapper
+
+
+class CounterEnv(gym.Env):
+    """obs = [t, seed]; reward = t / 10; seeds ending in 3 raise at t = 4; ends at t = 10."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
+    action_space = gym.spaces.Box(-1, 1, (1,), np.float32)
+    metadata = {"render_modes": ["rgb_array"]}
+    render_mode = "rgb_array"
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t, self.seed_ = 0, seed
+        return np.array([0, seed], np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        if self.seed_ % 10 == 3 and self.t == 4:
+            raise RuntimeError("simulator exploded")
+        obs = np.array([self.t, self.seed_], np.float32)
+        return obs, self.t / 10, self.t >= 10, False, {"t": self.t}
+
+    def render(self):
+        return np.full((16, 16, 3), 10 * self.t, np.uint8)
+
+
+gym.register("Counter-v0", entry_point=CounterEnv)
+
+
+class RecordingPolicy:
+    """Returns zeros; remembers the observation stacks it was given."""
+
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.seen = []
+
+    def reset(self):
+        pass
+
+    def predict_action(self, obs_dict):
+        self.seen.append(obs_dict["obs"].clone())
+        n = obs_dict["obs"].shape[0]
+        return {"action": torch.zeros(n, 3, 1)}
+
+
+def test_multistep_wrapper_stacks_pads_and_takes_max_reward():
+    env = MultiStepWrapper(CounterEnv(), n_obs_steps=2, n_action_steps=3, max_episode_steps=7)
+    obs, _ = env.reset(seed=0)
+    np.testing.assert_array_equal(obs[:, 0], [0, 0])  # padded with the first frame
+    obs, reward, term, trunc, _ = env.step(np.zeros((3, 1)))
+    np.testing.assert_array_equal(obs[:, 0], [2, 3])
+    assert reward == pytest.approx(0.3) and not (term or trunc)
+    env.step(np.zeros((3, 1)))
+    obs, reward, term, trunc, _ = env.step(np.zeros((3, 1)))  # stops at 7 low-level steps
+    assert trunc and obs[-1, 0] == 7 and reward == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize("n_envs", [1, 2])
+def test_runner_scores_seeds_and_survives_env_errors(tmp_path, n_envs):
+    runner = EnvRunner(env={"id": "Counter-v0", "max_steps": 20}, n_obs_steps=2,
+                       n_action_steps=3, n_test=5, test_start_seed=100, n_envs=n_envs,
+                       n_videos=1)
+    policy = RecordingPolicy()
+    result = runner.run(policy, video_dir=tmp_path, progress=False)
+    by_seed = {r["seed"]: r for r in result["per_seed"]}
+    assert sorted(by_seed) == [100, 101, 102, 103, 104]
+    assert "simulator exploded" in by_seed[103]["error"] and by_seed[103]["score"] == 0.0
+    for seed in (100, 101, 102, 104):
+        assert by_seed[seed]["score"] == pytest.approx(1.0) and "error" not in by_seed[seed]
+    assert result["mean_score"] == pytest.approx(0.8)
+    # the policy saw To-frame stacks of the right seeds
+    first = policy.seen[0]
+    assert first.shape[1:] == (2, 2) and set(first[:, 0, 1].tolist()) <= {100.0, 101.0}
+    assert len(result["videos"]) == 1 and result["videos"][0].endswith("seed_100.mp4")
