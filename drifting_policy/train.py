@@ -45,7 +45,8 @@ class EpochBatches:
 
     def epoch_batches(self) -> list[list[int]]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.n, generator=g)[self.rank :: self.world].tolist()
+        usable = self.n - self.n % self.world  # every rank gets the same number of batches
+        order = torch.randperm(self.n, generator=g)[:usable][self.rank :: self.world].tolist()
         n_full = max(1, len(order) // self.batch_size)
         return [order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(n_full)]
 
@@ -232,7 +233,7 @@ class TrainWorkspace:
         bar = tqdm(total=t.num_steps, initial=self.step, desc=cfg.name, disable=self.rank != 0)
         stop_at = t.num_steps if until_step is None else min(until_step, t.num_steps)
         self.policy.train()
-        while self.step < stop_at and self.train_seconds < budget:
+        while self.step < stop_at and not self._out_of_time(budget):
             loader = torch.utils.data.DataLoader(
                 self.dataset, batch_sampler=self.batches.remaining(), num_workers=t.num_workers,
                 pin_memory=self.device.type == "cuda",
@@ -260,8 +261,8 @@ class TrainWorkspace:
                 if self.step % t.log_every == 0:
                     bar.set_postfix(loss=f"{record['train/loss']:.4g}")
                     self._log(record, wandb_run)
-                self._periodic(record, wandb_run, last_metrics)
-                if self.step >= stop_at or self.train_seconds >= budget:
+                self._periodic(wandb_run, last_metrics)
+                if self.step >= stop_at or self._out_of_time(budget):
                     break
             else:
                 self.batches.epoch, self.batches.consumed = self.batches.epoch + 1, 0
@@ -272,21 +273,33 @@ class TrainWorkspace:
             wandb_run.finish()
         return last_metrics
 
-    def _periodic(self, record: dict, wandb_run, last_metrics: dict) -> None:
+    def _out_of_time(self, budget: float) -> bool:
+        """Wall-clock budget reached; under DDP rank 0 decides for all (ranks' clocks differ)."""
+        if math.isinf(budget):
+            return False
+        over = torch.tensor([float(self.train_seconds >= budget)])
+        if self.world > 1:
+            dist.broadcast(over, src=0)
+        return bool(over.item())
+
+    def _periodic(self, wandb_run, last_metrics: dict) -> None:
+        """Validation, rollouts and checkpoints that fall due at this step (rank 0 does them)."""
         t, step = self.cfg.training, self.step
+        val, rollout, checkpoint = (bool(every and step % every == 0)
+                                    for every in (t.val_every, t.rollout_every, t.checkpoint_every))
         metrics = {}
-        if t.val_every and step % t.val_every == 0 and self.rank == 0:
+        if val and self.rank == 0:
             metrics.update(self.validate())
             self.policy.train()
-        if t.rollout_every and step % t.rollout_every == 0:
+        if rollout:
             metrics.update(self._rollout_metrics())
         if metrics:
             self._log({"step": step, "train_seconds": self.train_seconds, **metrics}, wandb_run)
             last_metrics.update(metrics)
-        if t.checkpoint_every and step % t.checkpoint_every == 0:
+        if checkpoint:
             self.save("latest")
-        if self.world > 1:
-            dist.barrier()
+        if self.world > 1 and (val or rollout or checkpoint):
+            dist.barrier()  # the other ranks wait here, not inside the next allreduce
 
     def _rollout_metrics(self) -> dict:
         if self.rank != 0:
