@@ -21,40 +21,32 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from drifting_policy.checkpoint import build_policy
+from drifting_policy.config import compose
 from drifting_policy.nn.normalizer import LinearNormalizer
-from drifting_policy.policy.diffusion import DiffusionPolicy
-from drifting_policy.policy.drifting import DriftingPolicy
 
-SHAPE_META = {
-    "lowdim": {"obs": {"obs": {"shape": [20], "type": "low_dim"}}, "action": {"shape": [2]}},
-    "image": {"obs": {"image": {"shape": [3, 96, 96], "type": "rgb"},
-                      "agent_pos": {"shape": [2], "type": "low_dim"}},
-              "action": {"shape": [2]}},
-}
-# Diffusion Policy's UNet sizes (paper) and the CPU-sized configs (configs/size/cpu.yaml)
-SIZES = {
-    "paper": {"lowdim": dict(down_dims=(256, 512, 1024), diffusion_step_embed_dim=256),
-              "image": dict(down_dims=(512, 1024, 2048), diffusion_step_embed_dim=128)},
-    "cpu": {"lowdim": dict(down_dims=(64, 128, 256), diffusion_step_embed_dim=64),
-            "image": dict(down_dims=(64, 128, 256), diffusion_step_embed_dim=64)},
-}
+# rows: name -> (policy config, overrides of its sampler)
 POLICIES = {
-    "drifting": (DriftingPolicy, {}),
-    "ddpm100": (DiffusionPolicy, dict(scheduler="ddpm", num_inference_steps=100)),
-    "ddim10": (DiffusionPolicy, dict(scheduler="ddim", num_inference_steps=10)),
+    "drifting": ("drifting", []),
+    "ddpm100": ("diffusion", ["policy.scheduler=ddpm", "policy.num_inference_steps=100"]),
+    "ddim10": ("diffusion", ["policy.scheduler=ddim", "policy.num_inference_steps=10"]),
 }
+TASKS = {"lowdim": "pusht_lowdim", "image": "pusht_image"}
+SIZES = {"cpu": {"lowdim": "cpu", "image": "cpu"},
+         "paper": {"lowdim": "paper", "image": "paper_image"}}
 
 
 def build(policy: str, obs: str, size: str) -> torch.nn.Module:
-    """An untrained policy with an identity-like normaliser (latency does not depend on weights)."""
-    cls, kw = POLICIES[policy]
-    meta = SHAPE_META[obs]
-    p = cls(shape_meta=meta, horizon=16, n_obs_steps=2, n_action_steps=8,
-            crop_shape=(84, 84) if obs == "image" else None, **SIZES[size][obs], **kw)
+    """The PushT policy the training configs define (configs/policy, configs/size), untrained,
+    with an identity-like normaliser: latency does not depend on the weights."""
+    config, sampler = POLICIES[policy]
+    cfg = compose("train_policy", [f"task={TASKS[obs]}", f"policy={config}",
+                                   f"size={SIZES[size][obs]}", *sampler])
+    p = build_policy(cfg)
     norm = LinearNormalizer()
-    for key, m in meta["obs"].items():
+    for key, m in p.shape_meta["obs"].items():
         norm.set_image(key) if m["type"] == "rgb" else norm.set_identity(key, m["shape"][0])
-    norm.set_identity("action", 2)
+    norm.set_identity("action", p.action_dim)
     p.set_normalizer(norm)
     return p.eval()
 
@@ -110,10 +102,10 @@ def latency(size: str, calls: int, warmup: int, obs_types: list[str], device: st
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("which", choices=["latency"])
-    p.add_argument("--quick", action="store_true", help="CPU-sized networks (seconds, not minutes)")
+    p.add_argument("--quick", action="store_true", help="size=cpu networks instead of the paper's")
     p.add_argument("--calls", type=int, default=30, help="timed calls per row (median reported)")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--obs", nargs="+", default=["lowdim", "image"], choices=list(SHAPE_META))
+    p.add_argument("--obs", nargs="+", default=["lowdim", "image"], choices=list(TASKS))
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/latency.json"))
 

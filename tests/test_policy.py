@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from drifting_policy.bench import SHAPE_META, build, count_nfe, example_obs
+from drifting_policy.bench import build, count_nfe, example_obs
 from drifting_policy.nn.normalizer import LinearNormalizer
 from drifting_policy.policy.diffusion import DiffusionPolicy
 from drifting_policy.policy.drifting import DriftingPolicy
@@ -25,8 +25,11 @@ def test_predict_action_api_and_network_calls(obs, name, nfe):
     assert policy.device == torch.device("cpu") and policy.dtype == torch.float32
 
 
+LOWDIM = {"obs": {"obs": {"shape": [20], "type": "low_dim"}}, "action": {"shape": [2]}}
+
+
 def _lowdim_policy(cls=DriftingPolicy, **kw):
-    p = cls(shape_meta=SHAPE_META["lowdim"], horizon=8, n_obs_steps=2, n_action_steps=4,
+    p = cls(shape_meta=LOWDIM, horizon=8, n_obs_steps=2, n_action_steps=4,
             down_dims=(16, 32), diffusion_step_embed_dim=16, **kw)
     norm = LinearNormalizer()
     norm.fit({"obs": torch.rand(100, 20) * 10, "action": torch.rand(100, 2) * 4 - 2})
@@ -83,7 +86,7 @@ def test_bad_observations_and_config_raise_clear_errors():
     with pytest.raises(ValueError, match="loss_mode"):
         _lowdim_policy(loss_mode="bogus")
     with pytest.raises(ValueError, match="horizon"):
-        DriftingPolicy(shape_meta=SHAPE_META["lowdim"], horizon=10, n_obs_steps=2,
+        DriftingPolicy(shape_meta=LOWDIM, horizon=10, n_obs_steps=2,
                        n_action_steps=4, down_dims=(16, 32, 64))
 
 

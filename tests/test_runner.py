@@ -1,4 +1,4 @@
-"""The one env runner: DP's multistep protocol, per-seed results, failures that do not stop a run."""
+"""The one env runner: DP's multistep protocol, per-seed results, env failures don't stop it."""
 
 import gymnasium as gym
 import numpy as np
