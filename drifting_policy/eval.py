@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from drifting_policy.checkpoint import load_policy
 from drifting_policy.rollout.runner import EnvRunner
@@ -29,13 +28,7 @@ def evaluate(checkpoint: Path, out: Path, n_test: int | None = None, n_envs: int
     """
     loaded, cfg = load_policy(checkpoint, ema=ema, device=device)
     policy = policy if policy is not None else loaded
-    runner_cfg = OmegaConf.to_container(cfg.task.runner, resolve=True)
-    for key, value in (("n_test", n_test), ("n_envs", n_envs), ("n_videos", n_videos)):
-        if value is not None:
-            runner_cfg[key] = value
-    runner = EnvRunner(env=OmegaConf.to_container(cfg.task.env, resolve=True),
-                       n_obs_steps=cfg.task.n_obs_steps, n_action_steps=cfg.task.n_action_steps,
-                       **runner_cfg)
+    runner = EnvRunner.from_task(cfg.task, n_test=n_test, n_envs=n_envs, n_videos=n_videos)
     t0 = time.perf_counter()
     result = runner.run(policy, video_dir=out / "videos", progress=progress)
     result.update(checkpoint=str(checkpoint), policy=cfg.policy._target_, task=cfg.task.name,

@@ -183,11 +183,7 @@ class TrainWorkspace:
 
     def rollout(self, video_dir: Path | None) -> dict:
         cfg = self.cfg
-        runner_cfg = {**OmegaConf.to_container(cfg.task.runner, resolve=True),
-                      **OmegaConf.to_container(cfg.training.rollout, resolve=True)}
-        runner = EnvRunner(env=OmegaConf.to_container(cfg.task.env, resolve=True),
-                           n_obs_steps=cfg.task.n_obs_steps,
-                           n_action_steps=cfg.task.n_action_steps, **runner_cfg)
+        runner = EnvRunner.from_task(cfg.task, **cfg.training.rollout)
         return runner.run(self.eval_policy(), video_dir=video_dir, progress=False)
 
     def _keep_topk(self, score: float) -> None:

@@ -51,11 +51,6 @@ def _make_env(spec: EnvSpec, n_obs_steps: int, n_action_steps: int) -> gym.Env:
     return MultiStepWrapper(env, n_obs_steps, n_action_steps, spec.max_steps)
 
 
-def mean_score(rewards: np.ndarray, infos: list[dict]) -> dict[str, float]:
-    """Default metric: DP's mean over episodes of the episode's max reward."""
-    return {"mean_score": float(np.mean(rewards))}
-
-
 class EnvRunner:
     """Evaluate a policy on `n_test` seeded episodes.
 
@@ -87,6 +82,15 @@ class EnvRunner:
         self.n_envs = max(1, min(n_test, n_envs or os.cpu_count() or 1))
         self.n_videos, self.fps = n_videos, fps
         self.metric_fn = resolve(metric_fn) if isinstance(metric_fn, str) else metric_fn
+
+    @classmethod
+    def from_task(cls, task: Mapping, **overrides) -> EnvRunner:
+        """The runner a task config describes (task.env, task.runner, To/Ta); `overrides`
+        replace task.runner entries that are not None."""
+        container = task if isinstance(task, dict) else _to_container(task)
+        runner = {**container["runner"], **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(env=container["env"], n_obs_steps=container["n_obs_steps"],
+                   n_action_steps=container["n_action_steps"], **runner)
 
     def _vector_env(self) -> gym.vector.VectorEnv:
         fns = [lambda: _make_env(self.spec, self.n_obs_steps, self.n_action_steps)] * self.n_envs
@@ -121,7 +125,7 @@ class EnvRunner:
             bar.close()
             venv.close()
         rewards = np.array([r["score"] for r in results])
-        metrics = mean_score(rewards, results)
+        metrics = {"mean_score": float(np.mean(rewards))}  # DP: mean of episodes' max reward
         if self.metric_fn is not None:
             metrics.update(self.metric_fn(rewards, results))
         return {**metrics, "n_test": self.n_test, "per_seed": results, "videos": videos}
@@ -161,6 +165,12 @@ class EnvRunner:
                 r["error"] = errors[i]
             out.append(r)
         return out
+
+
+def _to_container(cfg) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def _plain(v):
