@@ -1,7 +1,8 @@
 """`drifting-policy demos <task> --episodes N --out PATH`: scripted expert -> native dataset file.
 
 Each task is one entry of `TASKS`: where its per-episode collector lives (imported lazily, in
-the worker processes) and which writer produces its dataset format. Episodes run with seeds
+the worker processes), which writer produces its dataset format, and the task's own boolean
+flags (e.g. robomimic's --image / --abs), passed as keywords to both. Episodes run with seeds
 S, S+1, ... in parallel processes; only successful ones are kept, in seed order. The file is
 written to a hidden sibling directory and renamed into place at the end, so an interrupted
 run never leaves a half-written dataset, and an existing PATH is only replaced with --force.
@@ -10,13 +11,14 @@ run never leaves a half-written dataset, and an existing PATH is only replaced w
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import multiprocessing
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +35,21 @@ def write_zarr_replay(path: str | os.PathLike, episodes: Iterable[dict]) -> int:
 
 @dataclass(frozen=True)
 class DemoTask:
-    """How to make one task's demos: collector as "module:function" (seed -> episode dict
-    with per-step arrays and a `success` flag) and the writer of its dataset file."""
+    """How to make one task's demos.
+
+    collect: "module:function", (seed, **flags) -> episode dict with per-step arrays and a
+        `success` flag (plus whatever the writer needs).
+    write: the writer, (path, episodes, **flags) -> number written, or "module:function".
+    flags: the task's boolean options, {name: help}; `--name` on the command line.
+    """
 
     collect: str
-    write: Callable[[Path, Iterable[dict]], int]
+    write: Callable[..., int] | str
     help: str
+    flags: dict[str, str] = field(default_factory=dict)
+
+    def writer(self) -> Callable[..., int]:
+        return resolve(self.write) if isinstance(self.write, str) else self.write
 
 
 TASKS: dict[str, DemoTask] = {
@@ -50,20 +61,27 @@ TASKS: dict[str, DemoTask] = {
 }
 
 
-def _run_episode(collect: str, seed: int) -> dict:
+def resolve(name: str) -> Callable:
+    """'package.module:function' -> the function (imported now)."""
+    module, function = name.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def _run_episode(collect: str, flags: dict[str, bool], seed: int) -> dict:
     """Worker entry point: import the collector named `collect` and run episode `seed`."""
-    module, function = collect.split(":")
-    return getattr(importlib.import_module(module), function)(seed)
+    return resolve(collect)(seed, **flags)
 
 
-def _episodes(task: DemoTask, seeds: list[int], workers: int) -> Iterator[dict]:
+def _episodes(task: DemoTask, seeds: list[int], workers: int,
+              flags: dict[str, bool]) -> Iterator[dict]:
     """Collected episodes in seed order; a process pool when workers > 1."""
+    run = functools.partial(_run_episode, task.collect, flags)
     if workers <= 1:
-        yield from (_run_episode(task.collect, seed) for seed in seeds)
+        yield from map(run, seeds)
         return
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
     try:
-        yield from pool.map(_run_episode, [task.collect] * len(seeds), seeds)
+        yield from pool.map(run, seeds)
     finally:  # on an error or Ctrl-C, drop the episodes not started yet instead of waiting
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -83,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--force", action="store_true", help="replace an existing --out")
         sub.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                          help="parallel processes (default: all cores)")
+        for flag, flag_help in task.flags.items():
+            sub.add_argument(f"--{flag}", action="store_true", help=flag_help)
     return parser
 
 
@@ -92,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # --help or a usage error: argparse already printed why
         return int(exit_.code or 0)
     task = TASKS[args.task]
+    flags = {name: getattr(args, name) for name in task.flags}
     out: Path = args.out
     if args.episodes < 1:
         print("error: --episodes must be at least 1", file=sys.stderr)
@@ -117,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_postfix(success=f"{counts['kept']}/{counts['run']}")
 
     try:  # the writer builds the file under a temporary name and moves it into place
-        task.write(out, successful(_episodes(task, seeds, workers)))
+        task.writer()(out, successful(_episodes(task, seeds, workers, flags)), **flags)
     except ValueError:
         if counts["kept"] == 0:
             print(f"error: the expert succeeded in none of {counts['run']} episodes; "

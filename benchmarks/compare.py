@@ -1,0 +1,110 @@
+"""Drifting (1 NFE) vs the Diffusion Policy baseline on one task, same data, same budget.
+
+Both policies use the same ConditionalUnet1D size, the same generated expert demos, the same
+optimiser settings and the same wall-clock training budget (optimisation time only). Each is then
+evaluated on the same test seeds (100000 + i); the diffusion policy with DDPM-100 (as trained)
+and DDIM-10 (same weights). Reports mean_score and the task's extra metrics (BlockPush p1/p2,
+Kitchen p1..p4, ...), steps, observation windows and generated chunks seen, train minutes and
+batch-1 latency; writes JSON and a training-curve figure per policy.
+
+    python benchmarks/compare.py --task pusht_lowdim --minutes 12 \
+        --out benchmarks/results/pusht_compare_cpu.json
+    python benchmarks/compare.py --task blockpush_lowdim --data data/blockpush.zarr ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import statistics
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from drifting_policy.bench import time_ms
+from drifting_policy.checkpoint import load_policy
+from drifting_policy.config import compose
+from drifting_policy.eval import evaluate
+from drifting_policy.plots import plot_training_curves
+from drifting_policy.train import TrainWorkspace
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--task", default="pusht_lowdim", help="configs/task/<TASK>.yaml")
+    p.add_argument("--data", type=Path, default=None, help="dataset (default: the task's path)")
+    p.add_argument("--minutes", type=float, default=12.0, help="training budget per policy")
+    p.add_argument("--n-test", type=int, default=50)
+    p.add_argument("--n-envs", type=int, default=10)
+    p.add_argument("--size", default="cpu")
+    p.add_argument("--work", type=Path, default=None, help="default: outputs/compare_<TASK>")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default: benchmarks/results/<TASK>_compare_cpu.json")
+    p.add_argument("overrides", nargs="*", help="extra hydra overrides for both policies")
+    args = p.parse_args()
+    args.work = args.work or Path(f"outputs/compare_{args.task}")
+    args.out = args.out or Path(f"benchmarks/results/{args.task}_compare_cpu.json")
+    data = [f"task.dataset.path={args.data}"] if args.data else []
+
+    rows = []
+    for policy_name in ("drifting", "diffusion"):
+        run_dir = args.work / policy_name
+        cfg = compose("train_policy", [
+            f"task={args.task}", f"policy={policy_name}", f"size={args.size}",
+            f"run_dir={run_dir}", *data, "training.num_steps=1000000",
+            f"training.max_minutes={args.minutes}", "training.rollout_every=0",
+            "training.checkpoint_every=1000", "training.val_every=500", "logging.mode=disabled",
+        ])
+        ws = TrainWorkspace(cfg)
+        ws.run()
+        plot_training_curves(run_dir / "logs.jsonl", args.work / f"{policy_name}_curves.png",
+                             title=f"{policy_name}, {args.task}, {args.minutes:g} min")
+        ckpt = run_dir / "checkpoints" / "latest"
+        variants = [("drifting", None)] if policy_name == "drifting" else [
+            ("ddpm100", ("ddpm", 100)), ("ddim10", ("ddim", 10))]
+        for name, sampler in variants:
+            policy, _ = load_policy(ckpt)
+            if sampler:  # same weights, chosen sampler
+                policy.set_inference(*sampler)
+            result = evaluate(ckpt, args.work / f"eval_{name}", n_test=args.n_test,
+                              n_envs=args.n_envs, n_videos=2, policy=policy)
+            sample = ws.dataset[0]["obs"]
+            sample = sample if isinstance(sample, dict) else {"obs": sample}
+            obs = {k: v[None, : cfg.task.n_obs_steps] for k, v in sample.items()}
+            with torch.inference_mode():
+                latency = statistics.median(time_ms(partial(policy.predict_action, obs), 30, 3))
+            extra = {k: v for k, v in result.items()  # the task's metric hook (p1, p2, ...)
+                     if isinstance(v, float) and k not in ("mean_score", "eval_seconds")}
+            rows.append({
+                "policy": name, "mean_score": result["mean_score"], **extra,
+                "n_test": result["n_test"],
+                "train_steps": ws.step, "train_minutes": ws.train_seconds / 60,
+                "obs_windows_seen": ws.step * cfg.training.batch_size,
+                "chunks_generated_in_training": ws.step * cfg.training.batch_size * (
+                    cfg.policy.gen_per_obs if policy_name == "drifting" else 1),
+                "latency_ms": latency, "eval_seconds": result["eval_seconds"],
+            })
+
+    metric_keys = ["mean_score"] + [k for k in rows[0] if re.fullmatch(r"p\d+", k)]
+    print(f"{'policy':<9} " + " ".join(f"{k[:10]:>10}" for k in metric_keys)
+          + f" {'steps':>7} {'minutes':>8} {'windows':>9} {'latency ms':>11}")
+    for r in rows:
+        print(f"{r['policy']:<9} " + " ".join(f"{r[k]:>10.3f}" for k in metric_keys)
+              + f" {r['train_steps']:>7} {r['train_minutes']:>8.1f} {r['obs_windows_seen']:>9} "
+              f"{r['latency_ms']:>11.2f}")
+    meta = {"task": args.task, "data": str(args.data or cfg.task.dataset.path),
+            "minutes_per_policy": args.minutes, "size": args.size,
+            "n_test": args.n_test, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+            "command": "python benchmarks/compare.py " + " ".join(sys.argv[1:])}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
