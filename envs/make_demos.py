@@ -37,8 +37,10 @@ def write_zarr_replay(path: str | os.PathLike, episodes: Iterable[dict]) -> int:
 class DemoTask:
     """How to make one task's demos.
 
-    collect: "module:function", (seed, **flags) -> episode dict with per-step arrays and a
-        `success` flag (plus whatever the writer needs).
+    collect: "module:function", (seed, **flags) -> episode dict with per-step arrays, a
+        `success` flag (only successful episodes are written), whatever else the writer needs,
+        and optional scalar `metrics` {name: number} (e.g. BlockPush p1/p2) that are averaged
+        over all episodes run and printed next to the success rate.
     write: the writer, (path, episodes, **flags) -> number written, or "module:function".
     flags: the task's boolean options, {name: help}; `--name` on the command line.
     """
@@ -52,12 +54,36 @@ class DemoTask:
         return resolve(self.write) if isinstance(self.write, str) else self.write
 
 
+_ROBOMIMIC_FLAGS = {
+    "image": "also render the camera observations (agentview + eye-in-hand; ToolHang: sideview)",
+    "abs": "store absolute actions (10-d: position, rotation-6d, gripper) instead of deltas (7-d)",
+}
+
 TASKS: dict[str, DemoTask] = {
     "pusht": DemoTask(
         collect="envs.pusht.expert:collect_episode",
         write=write_zarr_replay,
         help="PushT: zarr replay buffer with img, state, keypoint, action, n_contacts "
              "(the layout of Diffusion Policy's pusht_cchi_v7_replay.zarr)"),
+    "blockpush": DemoTask(
+        collect="envs.blockpush.expert:collect_episode",
+        write=write_zarr_replay,
+        help="BlockPush (two blocks, two targets; multimodal oracle): zarr replay buffer with "
+             "obs (16) and action (2); prints the oracle's p1/p2"),
+    "kitchen": DemoTask(
+        collect="envs.kitchen.expert:collect_episode",
+        write=write_zarr_replay,
+        help="Franka Kitchen (4 sub-tasks in varied orders): zarr replay buffer with obs (60, "
+             "D4RL layout) and action (9); prints the expert's p1..p4"),
+    "lift": DemoTask(
+        collect="envs.robomimic.expert:collect_lift", write="envs.robomimic.hdf5:write_hdf5",
+        help="robomimic Lift: robomimic HDF5 (data/demo_i/...)", flags=_ROBOMIMIC_FLAGS),
+    "can": DemoTask(
+        collect="envs.robomimic.expert:collect_can", write="envs.robomimic.hdf5:write_hdf5",
+        help="robomimic PickPlaceCan: robomimic HDF5 (data/demo_i/...)", flags=_ROBOMIMIC_FLAGS),
+    "tool_hang": DemoTask(
+        collect="envs.robomimic.expert:collect_tool_hang", write="envs.robomimic.hdf5:write_hdf5",
+        help="robomimic ToolHang: robomimic HDF5 (data/demo_i/...)", flags=_ROBOMIMIC_FLAGS),
 }
 
 
@@ -127,11 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     workers = max(1, min(args.workers, len(seeds)))
     out.parent.mkdir(parents=True, exist_ok=True)
     counts = {"run": 0, "kept": 0}
+    metric_sums: dict[str, float] = {}
 
     def successful(episodes: Iterable[dict]) -> Iterator[dict]:
         bar = tqdm(episodes, total=len(seeds), desc=f"{args.task} expert", unit="episode")
         for episode in bar:
             counts["run"] += 1
+            for name, value in episode.get("metrics", {}).items():
+                metric_sums[name] = metric_sums.get(name, 0.0) + float(value)
             if episode["success"]:
                 counts["kept"] += 1
                 yield episode
@@ -148,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     rate = counts["kept"] / counts["run"]
     print(f"{args.task}: expert succeeded in {counts['kept']}/{counts['run']} episodes "
           f"({rate:.1%}); keeping only the successful ones")
+    if metric_sums:
+        print(f"{args.task} expert over {counts['run']} episodes: " + ", ".join(
+            f"{name} {total / counts['run']:.3f}" for name, total in metric_sums.items()))
     print(f"wrote {out}")
     return 0
 
