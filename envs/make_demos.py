@@ -76,13 +76,13 @@ TASKS: dict[str, DemoTask] = {
         help="Franka Kitchen (4 sub-tasks in varied orders): zarr replay buffer with obs (60, "
              "D4RL layout) and action (9); prints the expert's p1..p4"),
     "lift": DemoTask(
-        collect="envs.robomimic.expert:collect_lift", write="envs.robomimic.hdf5:write_hdf5",
+        collect="envs.robomimic.expert:collect_lift", write="drifting_policy.data.robomimic_hdf5:write_hdf5",
         help="robomimic Lift: robomimic HDF5 (data/demo_i/...)", flags=_ROBOMIMIC_FLAGS),
     "can": DemoTask(
-        collect="envs.robomimic.expert:collect_can", write="envs.robomimic.hdf5:write_hdf5",
+        collect="envs.robomimic.expert:collect_can", write="drifting_policy.data.robomimic_hdf5:write_hdf5",
         help="robomimic PickPlaceCan: robomimic HDF5 (data/demo_i/...)", flags=_ROBOMIMIC_FLAGS),
     "tool_hang": DemoTask(
-        collect="envs.robomimic.expert:collect_tool_hang", write="envs.robomimic.hdf5:write_hdf5",
+        collect="envs.robomimic.expert:collect_tool_hang", write="drifting_policy.data.robomimic_hdf5:write_hdf5",
         help="robomimic ToolHang: robomimic HDF5 (data/demo_i/...)", flags=_ROBOMIMIC_FLAGS),
 }
 
