@@ -54,6 +54,7 @@ class DemoTask:
         return resolve(self.write) if isinstance(self.write, str) else self.write
 
 
+_ROBOMIMIC_WRITER = "drifting_policy.data.robomimic_hdf5:write_hdf5"
 _ROBOMIMIC_FLAGS = {
     "image": "also render the camera observations (agentview + eye-in-hand; ToolHang: sideview)",
     "abs": "store absolute actions (10-d: position, rotation-6d, gripper) instead of deltas (7-d)",
@@ -76,13 +77,13 @@ TASKS: dict[str, DemoTask] = {
         help="Franka Kitchen (4 sub-tasks in varied orders): zarr replay buffer with obs (60, "
              "D4RL layout) and action (9); prints the expert's p1..p4"),
     "lift": DemoTask(
-        collect="envs.robomimic.expert:collect_lift", write="drifting_policy.data.robomimic_hdf5:write_hdf5",
+        collect="envs.robomimic.expert:collect_lift", write=_ROBOMIMIC_WRITER,
         help="robomimic Lift: robomimic HDF5 (data/demo_i/...)", flags=_ROBOMIMIC_FLAGS),
     "can": DemoTask(
-        collect="envs.robomimic.expert:collect_can", write="drifting_policy.data.robomimic_hdf5:write_hdf5",
+        collect="envs.robomimic.expert:collect_can", write=_ROBOMIMIC_WRITER,
         help="robomimic PickPlaceCan: robomimic HDF5 (data/demo_i/...)", flags=_ROBOMIMIC_FLAGS),
     "tool_hang": DemoTask(
-        collect="envs.robomimic.expert:collect_tool_hang", write="drifting_policy.data.robomimic_hdf5:write_hdf5",
+        collect="envs.robomimic.expert:collect_tool_hang", write=_ROBOMIMIC_WRITER,
         help="robomimic ToolHang: robomimic HDF5 (data/demo_i/...)", flags=_ROBOMIMIC_FLAGS),
 }
 
