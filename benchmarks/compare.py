@@ -33,6 +33,14 @@ from drifting_policy.plots import plot_training_curves
 from drifting_policy.train import TrainWorkspace
 
 
+def _sampler(name: str) -> tuple[str, int]:
+    """'ddim10' -> ('ddim', 10)."""
+    match = re.fullmatch(r"(ddpm|ddim)(\d+)", name)
+    if match is None:
+        raise ValueError(f"--diffusion-samplers: expected ddpmN or ddimN, got {name!r}")
+    return match[1], int(match[2])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--task", default="pusht_lowdim", help="configs/task/<TASK>.yaml")
@@ -44,6 +52,8 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=None, help="default: outputs/compare_<TASK>")
     p.add_argument("--out", type=Path, default=None,
                    help="default: benchmarks/results/<TASK>_compare_cpu.json")
+    p.add_argument("--diffusion-samplers", default="ddpm100,ddim10",
+                   help="samplers to evaluate the diffusion weights with (ddpmN / ddimN)")
     p.add_argument("overrides", nargs="*", help="extra hydra overrides for both policies")
     args = p.parse_args()
     args.work = args.work or Path(f"outputs/compare_{args.task}")
@@ -65,7 +75,7 @@ def main() -> None:
                              title=f"{policy_name}, {args.task}, {args.minutes:g} min")
         ckpt = run_dir / "checkpoints" / "latest"
         variants = [("drifting", None)] if policy_name == "drifting" else [
-            ("ddpm100", ("ddpm", 100)), ("ddim10", ("ddim", 10))]
+            (name, _sampler(name)) for name in args.diffusion_samplers.split(",")]
         for name, sampler in variants:
             policy, _ = load_policy(ckpt)
             if sampler:  # same weights, chosen sampler
