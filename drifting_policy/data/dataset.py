@@ -32,6 +32,15 @@ PushT, image observations (image [T, 3, 96, 96] and agent_pos [T, 2])::
 
 BlockPush / Kitchen: ``obs_keys: {obs: [obs]}``.
 
+robomimic (:meth:`SequenceDataset.from_robomimic`, an HDF5 file; buffer keys are robomimic's
+observation keys plus ``action``): lowdim ``obs_keys: {obs: [object, robot0_eef_pos,
+robot0_eef_quat, robot0_gripper_qpos]}``; image ``obs_keys: {robot0_eef_pos: [robot0_eef_pos],
+...}`` with ``rgb_keys: {agentview_image: agentview_image, ...}``.
+
+Normalisation (:meth:`SequenceDataset.get_normalizer`): every key is fitted with the given mode
+(``limits`` by default) unless ``normalizer_rules`` names a rule for it (see ``RULES``); images
+always map [0, 1] -> [-1, 1].
+
 In Python the (key, cols) pair may also be a tuple: ``{"obs": [("keypoint", None),
 ("state", [0, 2])]}``.
 """
@@ -51,6 +60,55 @@ from drifting_policy.data.sampler import SequenceSampler, downsample_mask, get_v
 from drifting_policy.nn.normalizer import LinearNormalizer
 
 Source = tuple[str, tuple[int, int] | None]
+
+
+def _stats(x: np.ndarray) -> dict[str, np.ndarray]:
+    return {"min": x.min(0), "max": x.max(0), "mean": x.mean(0), "std": x.std(0)}
+
+
+def _fit_rule(mode: str):
+    def rule(normalizer: LinearNormalizer, key: str, x: np.ndarray, range_eps: float) -> None:
+        normalizer.fit({key: x}, mode=mode, range_eps=range_eps)
+    return rule
+
+
+def _identity(normalizer: LinearNormalizer, key: str, x: np.ndarray, range_eps: float) -> None:
+    """Pass through (data already in about [-1, 1], e.g. quaternions, robomimic delta actions)."""
+    normalizer.set_manual(key, np.ones(x.shape[1]), np.zeros(x.shape[1]), _stats(x))
+
+
+def _max_abs(normalizer: LinearNormalizer, key: str, x: np.ndarray, range_eps: float) -> None:
+    """One scale for every dim, 1 / max(max of maxima, max |minima|), no offset (Diffusion
+    Policy's robomimic low-dim observation normaliser)."""
+    peak = max(float(x.max()), float(np.abs(x.min())))
+    scale = 1.0 / peak if peak > range_eps else 1.0
+    normalizer.set_manual(key, np.full(x.shape[1], scale), np.zeros(x.shape[1]), _stats(x))
+
+
+def _abs_pose(normalizer: LinearNormalizer, key: str, x: np.ndarray, range_eps: float) -> None:
+    """Absolute pose actions [N, 3 + k]: position (first 3 dims) to [-1, 1] by its limits, the
+    rest (rotation-6d, gripper, already in [-1, 1]) unchanged, recorded with stats -1/1/0/1
+    (Diffusion Policy's robomimic_abs_action_only_normalizer)."""
+    if x.shape[1] <= 3:
+        raise ValueError(f"normalizer rule 'abs_pose' for '{key}': expected more than 3 dims, "
+                         f"got {x.shape[1]}")
+    pos = LinearNormalizer()
+    pos.fit({key: x[:, :3]}, mode="limits", range_eps=range_eps)
+    rest = x.shape[1] - 3
+    stats = {name: np.concatenate([_stats(x[:, :3])[name], np.full(rest, value)])
+             for name, value in (("min", -1.0), ("max", 1.0), ("mean", 0.0), ("std", 1.0))}
+    normalizer.set_manual(key, np.concatenate([pos[key].scale.numpy(), np.ones(rest)]),
+                          np.concatenate([pos[key].offset.numpy(), np.zeros(rest)]), stats)
+
+
+# normalizer_rules values: fn(normalizer, key, x [N, D] float32, range_eps) sets `key`.
+RULES = {
+    "limits": _fit_rule("limits"),
+    "gaussian": _fit_rule("gaussian"),
+    "identity": _identity,
+    "max_abs": _max_abs,
+    "abs_pose": _abs_pose,
+}
 
 
 def parse_obs_keys(obs_keys: Mapping[str, Sequence[Any]]) -> dict[str, list[Source]]:
@@ -96,6 +154,8 @@ class SequenceDataset(torch.utils.data.Dataset):
     max_train_episodes: keep a seeded random subset of the training episodes.
     first_k: ``{buffer_key: k}`` read only the first k steps of each window for that key
         (the rest is NaN/0: only safe when the model uses just the first k observations).
+    normalizer_rules: ``{normaliser key: rule name in RULES}`` for keys not fitted with the
+        ``mode`` of :meth:`get_normalizer` (e.g. ``{"action": "identity"}``).
     """
 
     def __init__(
@@ -112,6 +172,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         first_k: dict[str, int] | None = None,
         rgb_keys: Mapping[str, str] | None = None,
         obs_as_dict: bool | None = None,
+        normalizer_rules: Mapping[str, str] | None = None,
     ) -> None:
         self.obs_keys = parse_obs_keys(obs_keys)
         self.rgb_keys = dict(rgb_keys or {})
@@ -124,6 +185,15 @@ class SequenceDataset(torch.utils.data.Dataset):
             raise ValueError("obs_as_dict=False needs exactly one obs_keys entry and no rgb_keys")
         self.obs_as_dict = obs_as_dict
         self.action_key = action_key
+        self.normalizer_rules = dict(normalizer_rules or {})
+        lowdim = list(self.obs_keys) if obs_as_dict else ["obs"]
+        for key, rule in self.normalizer_rules.items():
+            if key not in [*lowdim, "action"]:
+                raise ValueError(f"normalizer_rules: unknown key '{key}'; expected one of "
+                                 f"{[*lowdim, 'action']} (images are always [0, 1] -> [-1, 1])")
+            if rule not in RULES:
+                raise ValueError(f"normalizer_rules['{key}']: unknown rule '{rule}'; "
+                                 f"expected one of {sorted(RULES)}")
 
         self.replay_buffer = replay_buffer
         buffer_keys = {key for srcs in self.obs_keys.values() for key, _ in srcs}
@@ -154,6 +224,46 @@ class SequenceDataset(torch.utils.data.Dataset):
         keys |= set((kwargs.get("rgb_keys") or {}).values()) | {kwargs.get("action_key", "action")}
         buffer = ReplayBuffer.load(path, keys=sorted(keys), expect=expect)
         return cls(buffer, obs_keys=obs_keys, **kwargs)
+
+    @classmethod
+    def from_robomimic(
+        cls,
+        path: str | os.PathLike,
+        obs_keys: Mapping[str, Sequence[Any]],
+        abs_action: bool = False,
+        expect: Mapping[str, Sequence[int] | None] | None = None,
+        filter_key: str | None = None,
+        use_cache: bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        normalizer_rules: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> SequenceDataset:
+        """A robomimic HDF5 file (robomimic's v141 release, Diffusion Policy's *_abs.hdf5, or
+        ``drifting-policy demos lift|can|tool_hang``), read by
+        :func:`drifting_policy.data.robomimic_hdf5.load_replay` (abs_action, expect,
+        filter_key, use_cache, cache_dir: see there). ``action`` is [T, 7] delta or, with
+        abs_action, [T, 10] (position, rotation-6d, gripper).
+
+        Normalisation follows Diffusion Policy's robomimic datasets unless ``normalizer_rules``
+        overrides a key: delta actions identity, absolute actions ``abs_pose``; the
+        concatenated low-dim ``obs`` ``max_abs``; in dict mode keys ending in ``quat``
+        identity, the others limits.
+        """
+        from drifting_policy.data.robomimic_hdf5 import load_replay
+
+        schema = parse_obs_keys(obs_keys)
+        rgb = dict(kwargs.get("rgb_keys") or {})
+        lowdim = [key for sources in schema.values() for key, _ in sources]
+        buffer = load_replay(path, lowdim, list(rgb.values()), abs_action=abs_action,
+                             filter_key=filter_key, expect=expect, use_cache=use_cache,
+                             cache_dir=cache_dir)
+        rules = {"action": "abs_pose" if abs_action else "identity"}
+        if not rgb and list(schema) == ["obs"] and kwargs.get("obs_as_dict") in (None, False):
+            rules["obs"] = "max_abs"
+        else:
+            rules.update({name: "identity" for name in schema if name.endswith("quat")})
+        rules.update(normalizer_rules or {})
+        return cls(buffer, obs_keys=obs_keys, normalizer_rules=rules, **kwargs)
 
     def _make_sampler(self, episode_mask: np.ndarray) -> SequenceSampler:
         return SequenceSampler(
@@ -197,7 +307,8 @@ class SequenceDataset(torch.utils.data.Dataset):
 
     def get_normalizer(self, mode: str = "limits", range_eps: float = 1e-4) -> LinearNormalizer:
         """Fit on every step of this dataset's episodes (not on windows): one key per lowdim
-        observation (``"obs"`` in lowdim mode) plus ``"action"``; images map [0, 1] -> [-1, 1]."""
+        observation (``"obs"`` in lowdim mode) plus ``"action"``, each with ``mode`` or its
+        ``normalizer_rules`` entry; images map [0, 1] -> [-1, 1]."""
         steps = {key: self._steps(self.replay_buffer[key]) for key in self._buffer_keys
                  if key not in self.rgb_keys.values()}
         data = {name: self._lowdim(steps, name) for name in self.obs_keys}
@@ -205,7 +316,11 @@ class SequenceDataset(torch.utils.data.Dataset):
             data = {"obs": next(iter(data.values()))}
         data["action"] = steps[self.action_key]
         normalizer = LinearNormalizer()
-        normalizer.fit(data, mode=mode, range_eps=range_eps)
+        normalizer.fit({k: v for k, v in data.items() if k not in self.normalizer_rules},
+                       mode=mode, range_eps=range_eps)
+        for key, rule in self.normalizer_rules.items():
+            x = np.asarray(data[key], dtype=np.float32)
+            RULES[rule](normalizer, key, x.reshape(len(x), -1), range_eps)
         for name in self.rgb_keys:
             normalizer.set_image(name)
         return normalizer
