@@ -6,6 +6,10 @@
     drifting-policy train task=pusht_lowdim policy=drifting [hydra overrides]
     drifting-policy eval  --checkpoint DIR --n-test 50 --out DIR
     drifting-policy bench latency --quick --out FILE.json
+    drifting-policy bench control --quick --out FILE.json
+    drifting-policy run   --checkpoint DIR --rate 10 --episodes 1 --out DIR   (real-time loop)
+    drifting-policy serve --checkpoint DIR --bind tcp://127.0.0.1:5555        (ZeroMQ server)
+    drifting-policy export --checkpoint DIR --format onnx --out FILE.onnx
 """
 
 from __future__ import annotations
@@ -34,14 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("train", help="train a policy (hydra overrides: task=... policy=... key=value)")
     sub.add_parser("demos", help="write expert demonstrations (see `demos --help`)")
 
-    from drifting_policy import demo, toy
+    from drifting_policy import demo, export, serve, toy
     from drifting_policy import eval as evaluation
     from drifting_policy.bench import add_arguments as bench_arguments
+    from drifting_policy.rollout import realtime
 
     toy.add_arguments(sub.add_parser("toy", help="2-D drifting demo (mode recovery, figure)"))
     evaluation.add_arguments(sub.add_parser("eval", help="evaluate a checkpoint in simulation"))
     demo.add_arguments(sub.add_parser("demo", help="the main job: PushT demos -> train -> eval"))
-    bench_arguments(sub.add_parser("bench", help="benchmarks (latency)"))
+    bench_arguments(sub.add_parser("bench", help="benchmarks (latency, control, export)"))
+    realtime.add_arguments(sub.add_parser("run", help="drive the task's env in real time"))
+    serve.add_arguments(sub.add_parser("serve", help="serve a policy over ZeroMQ"))
+    export.add_arguments(sub.add_parser("export", help="export a drifting policy to ONNX"))
 
     args = parser.parse_args(argv)
     if args.command == "toy":
@@ -50,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         return demo.main(args)
     if args.command == "eval":
         return evaluation.main(args)
+    if args.command == "run":
+        return realtime.main(args)
+    if args.command == "serve":
+        return serve.main(args)
+    if args.command == "export":
+        return export.main(args)
     if args.command == "bench":
         from drifting_policy.bench import main as bench_main
 
