@@ -3,8 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= outputs/demo
+IMAGE_DEMO_OUT ?= outputs/image_gen_demo
 
-.PHONY: venv demo test test-slow lint bench clean
+.PHONY: venv demo image-demo test test-slow lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,6 +18,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/drifting-policy toy --out $(DEMO_OUT)/toy
 	$(VENV)/bin/drifting-policy demo --out $(DEMO_OUT)
+
+# class-conditional digits with the ImageNet code path (tiny DiT + MAE), ~13 min on 2 cores
+image-demo: $(STAMP)
+	$(VENV)/bin/image-gen demo --out $(IMAGE_DEMO_OUT)
 
 # pytest exits 5 when it collected nothing: that is a failure too, never a silent pass.
 test: $(STAMP)

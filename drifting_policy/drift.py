@@ -20,6 +20,7 @@ column with a positive weight that is not a self-pair is treated exactly as rele
 from __future__ import annotations
 
 import torch
+import torch.distributed as torch_dist
 
 _DIST_EPS = 1e-8  # floor under squared distances before sqrt
 _SCALE_MIN = 1e-3  # floor under the feature / distance scale
@@ -31,6 +32,13 @@ def _pairwise_dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Euclidean distances [B, N, M] between x [B, N, S] and y [B, M, S] via one batched matmul."""
     sq = (x * x).sum(-1)[:, :, None] + (y * y).sum(-1)[:, None, :] - 2.0 * x @ y.transpose(1, 2)
     return sq.clamp(min=_DIST_EPS).sqrt()
+
+
+def _global_ratio(num: torch.Tensor, den: torch.Tensor, group) -> torch.Tensor:
+    """sum(num) / sum(den) over all ranks of `group`: one all_reduce of the stacked pair."""
+    both = torch.stack([num, den]).double()  # float64: exact counts, no cancellation in sums
+    torch_dist.all_reduce(both, group=group)
+    return (both[0] / both[1]).to(num.dtype)
 
 
 def _check_set(name: str, t: torch.Tensor, batch: int | None, dim: int | None) -> None:
@@ -67,6 +75,8 @@ def drift_loss(
     temperatures: tuple[float, ...] = (0.02, 0.05, 0.2),
     affinity_floor: float = 1e-6,
     attraction_scale: float = 1.0,
+    all_reduce: bool = False,
+    process_group: torch_dist.ProcessGroup | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Drift loss of generated samples against positives (and optional extra negatives).
 
@@ -82,6 +92,13 @@ def drift_loss(
             1e-6). Use 0 with many samples per problem (see toy.py).
         attraction_scale: multiplies the attraction; 1 keeps V anti-symmetric. Anything else is
             the paper's destructive ablation.
+        all_reduce: data parallelism. The two global statistics (the feature scale and each
+            lambda_R) become sums all-reduced over the ranks of `process_group` (default: the
+            world), so N ranks holding disjoint slices of the B problems compute exactly what one
+            process computes on all of them (same Cg and S on every rank; callers average the
+            per-problem loss over equal-sized slices, as DDP's gradient mean then matches).
+            Requires an initialised torch.distributed; False keeps everything rank-local.
+        process_group: the group to reduce over when all_reduce (None: the default group).
 
     Returns:
         loss: [B] float32, mean over (Cg, S) of (gen / s - goal)^2 with goal frozen.
@@ -102,6 +119,9 @@ def drift_loss(
         raise ValueError(f"temperatures: expected positive values, got {tuple(temperatures)}")
     if affinity_floor < 0:
         raise ValueError(f"affinity_floor: expected >= 0, got {affinity_floor}")
+    if all_reduce and not (torch_dist.is_available() and torch_dist.is_initialized()):
+        raise ValueError("all_reduce: expected an initialised torch.distributed process group, "
+                         "got none (call torch.distributed.init_process_group first)")
 
     w_target = torch.cat(
         [
@@ -124,7 +144,11 @@ def drift_loss(
 
             # Feature normalisation: one scalar over the whole batch makes temperatures unit-free.
             dist = _pairwise_dist(x, targets)  # [B, Cg, T]
-            scale = (dist * w_target[:, None, :]).mean() / w_target.mean()
+            if all_reduce:  # mean(dist * w) / mean(w) over the B of all ranks together
+                scale = _global_ratio((dist * w_target[:, None, :]).sum(),
+                                      cg * w_target.sum(), process_group)
+            else:
+                scale = (dist * w_target[:, None, :]).mean() / w_target.mean()
             s_in = (scale / s**0.5).clamp(min=_SCALE_MIN)  # coordinate scale
             dist_normed = dist / scale.clamp(min=_SCALE_MIN)
             x_scaled, targets_scaled = x / s_in, targets / s_in
@@ -155,7 +179,11 @@ def drift_loss(
                     dim=2,
                 )
                 force = coef @ targets_scaled - coef.sum(-1, keepdim=True) * x_scaled
-                lam = (force**2).mean()
+                if all_reduce:  # mean over the forces of all ranks together
+                    lam = _global_ratio((force**2).sum(), force.new_tensor(force.numel()),
+                                        process_group)
+                else:
+                    lam = (force**2).mean()
                 info[f"lambda/{r}"] = lam
                 # Drift normalisation: each temperature contributes a unit-RMS force.
                 goal = goal + force / lam.clamp(min=_LAMBDA_MIN).sqrt()

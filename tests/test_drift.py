@@ -202,3 +202,64 @@ def test_field_bad_inputs():
         drift_field(torch.zeros(4, 2), torch.zeros(0, 2), None, 0.1)
     with pytest.raises(ValueError, match=r"neg.*NaN"):
         drift_field(torch.zeros(4, 2), torch.zeros(3, 2), torch.full((2, 2), float("nan")), 0.1)
+
+
+def _ddp_gradients(rank: int, world: int, init_file: str, out_file: str, reduce: bool) -> None:
+    """One rank of the parity check: its slice of the problems, the shared statistics all-reduced
+    when `reduce`, gradients averaged across ranks as DDP does; rank 0 saves them."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, noise, pos, neg = _parity_problem()
+        per = noise.shape[0] // world
+        rows = slice(rank * per, (rank + 1) * per)
+        loss, info = drift_loss(model(noise[rows]), pos[rows], neg[rows], all_reduce=reduce)
+        loss.mean().backward()
+        grads = [p.grad for p in model.parameters()]
+        for g in grads:
+            dist.all_reduce(g)
+            g /= world
+        if rank == 0:
+            torch.save({"grads": grads, "info": info}, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def _parity_problem():
+    """A tiny linear generator and a batch of 4 problems (G = 5, S = 6)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 6)
+    noise = torch.randn(4, 5, 3)
+    pos = torch.randn(4, 7, 6) * torch.arange(1, 5).view(4, 1, 1)  # per-problem scales differ
+    neg = torch.randn(4, 2, 6)
+    return model, noise, pos, neg
+
+
+def test_all_reduce_needs_a_process_group():
+    gen, pos = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="all_reduce"):
+        drift_loss(gen, pos, all_reduce=True)
+
+
+def test_all_reduce_over_two_ranks_equals_one_process_on_the_whole_batch(tmp_path):
+    """gloo, 2 processes, each with half the problems: the averaged gradients equal the
+    single-process full-batch gradients; without the all-reduce they do not."""
+    import torch.multiprocessing as mp
+
+    model, noise, pos, neg = _parity_problem()
+    loss, info = drift_loss(model(noise), pos, neg)
+    loss.mean().backward()
+    full = [p.grad for p in model.parameters()]
+    got = {}
+    for reduce in (True, False):
+        out = tmp_path / f"grads_{reduce}.pt"
+        mp.spawn(_ddp_gradients, args=(2, str(tmp_path / f"init_{reduce}"), str(out), reduce),
+                 nprocs=2, join=True)
+        got[reduce] = torch.load(out, weights_only=True)
+    for g_ddp, g_full in zip(got[True]["grads"], full):
+        torch.testing.assert_close(g_ddp, g_full, rtol=1e-5, atol=1e-6)
+    for key, value in info.items():
+        torch.testing.assert_close(got[True]["info"][key], value, rtol=1e-5, atol=0)
+    assert not torch.allclose(got[False]["grads"][0], full[0], rtol=1e-3, atol=1e-5)
