@@ -303,7 +303,7 @@ class TrainWorkspace:
         video_dir = self.run_dir / "media" / f"step_{self.step:07d}"
         result = self.rollout(video_dir if self.cfg.training.rollout.n_videos else None)
         self.policy.train()
-        metrics = {f"test/{k}": v for k, v in result.items()
+        metrics = {(k if "/" in k else f"test/{k}"): v for k, v in result.items()
                    if isinstance(v, (int, float)) and k != "n_test"}
         self._keep_topk(result["mean_score"])
         return metrics

@@ -5,6 +5,11 @@ batches of `n_envs` gymnasium envs (async processes when n_envs > 1); the policy
 To frames and returns Ta actions per call. An episode's score is its max reward (DP's mean_score
 is the mean over episodes); tasks with extra metrics (BlockPush p1/p2, Kitchen p1..p4) add them
 through `metric_fn`. An env that raises counts as a failed episode (score 0) and the run goes on.
+
+Optionally (DP's robomimic runners) `n_train` more episodes start from stored simulator states,
+e.g. the first states of training demos: the env is reset with options={"state": state}, and
+these episodes are reported apart ("train/mean_score", "per_train"), never mixed into the test
+metrics.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import importlib
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,11 +48,23 @@ class EnvSpec:
     render_every: int = 1
 
 
+class ResetToState(gym.Wrapper):
+    """Reset with options={"state": reset_state} while `reset_state` (set per env through the
+    vector env's set_attr) is not None."""
+
+    reset_state = None
+
+    def reset(self, **kwargs):
+        if self.reset_state is not None:
+            kwargs["options"] = {**(kwargs.get("options") or {}), "state": self.reset_state}
+        return self.env.reset(**kwargs)
+
+
 def _make_env(spec: EnvSpec, n_obs_steps: int, n_action_steps: int) -> gym.Env:
     if spec.package:
         importlib.import_module(spec.package)
     env = gym.make(spec.id, disable_env_checker=True, **spec.kwargs)
-    env = FrameRecorder(FailureAsTermination(env), every=spec.render_every)
+    env = FrameRecorder(FailureAsTermination(ResetToState(env)), every=spec.render_every)
     return MultiStepWrapper(env, n_obs_steps, n_action_steps, spec.max_steps)
 
 
@@ -62,6 +79,10 @@ class EnvRunner:
         n_videos: record the first n_videos episodes as mp4 under `video_dir`.
         metric_fn: 'module:function' or callable (rewards [N], final infos) -> extra metrics.
         fps: video frame rate.
+        n_train: episodes started from `train_states` (0: none).
+        train_states: the initial simulator states, a sequence of arrays or a mapping
+            {"fn": 'module:function', **kwargs} whose fn(n=n_train, **kwargs) returns them
+            (e.g. envs.robomimic.env:initial_states with the dataset path).
     """
 
     def __init__(
@@ -75,6 +96,8 @@ class EnvRunner:
         n_videos: int = 0,
         metric_fn: str | Callable | None = None,
         fps: int = 10,
+        n_train: int = 0,
+        train_states: Sequence | Mapping | None = None,
     ) -> None:
         self.spec = env if isinstance(env, EnvSpec) else EnvSpec(**dict(env))
         self.n_obs_steps, self.n_action_steps = n_obs_steps, n_action_steps
@@ -82,6 +105,7 @@ class EnvRunner:
         self.n_envs = max(1, min(n_test, n_envs or os.cpu_count() or 1))
         self.n_videos, self.fps = n_videos, fps
         self.metric_fn = resolve(metric_fn) if isinstance(metric_fn, str) else metric_fn
+        self.train_states = _initial_states(train_states, n_train)
 
     @classmethod
     def from_task(cls, task: Mapping, **overrides) -> EnvRunner:
@@ -101,26 +125,19 @@ class EnvRunner:
 
     @torch.no_grad()
     def run(self, policy, video_dir: str | Path | None = None, progress: bool = True) -> dict:
-        """Roll out; returns {"mean_score", extra metrics, "per_seed": [...], "videos": [...]}."""
+        """Roll out; returns {"mean_score", extra metrics, "per_seed": [...], "videos": [...]}
+        and, with train states, {"train/mean_score", "per_train": [...]}."""
         seeds = [self.test_start_seed + i for i in range(self.n_test)]
-        results: list[dict] = []
+        n_train = len(self.train_states)
         videos: list[str] = []
         venv = self._vector_env()
-        bar = tqdm(total=self.n_test, desc="rollout", disable=not progress, leave=False)
+        bar = tqdm(total=n_train + self.n_test, desc="rollout", disable=not progress,
+                   leave=False)
         try:
-            for start in range(0, self.n_test, self.n_envs):
-                batch = seeds[start : start + self.n_envs]
-                record = [video_dir is not None and start + i < self.n_videos
-                          for i in range(self.n_envs)]
-                venv.set_attr("recording", record)
-                batch_results = self._run_batch(venv, policy, batch)
-                if video_dir is not None and any(record):
-                    frames = venv.call("take_frames")
-                    for i, seed in enumerate(batch):
-                        if record[i] and frames[i]:
-                            videos.append(_write_video(Path(video_dir), seed, frames[i], self.fps))
-                results += batch_results
-                bar.update(len(batch))
+            train = self._run_all(venv, policy, [None] * n_train, self.train_states, bar)
+            venv.set_attr("reset_state", [None] * self.n_envs)
+            results = self._run_all(venv, policy, seeds, [None] * self.n_test, bar,
+                                    video_dir, videos)
         finally:
             bar.close()
             venv.close()
@@ -128,13 +145,41 @@ class EnvRunner:
         metrics = {"mean_score": float(np.mean(rewards))}  # DP: mean of episodes' max reward
         if self.metric_fn is not None:
             metrics.update(self.metric_fn(rewards, results))
-        return {**metrics, "n_test": self.n_test, "per_seed": results, "videos": videos}
+        out = {**metrics, "n_test": self.n_test, "per_seed": results, "videos": videos}
+        if train:
+            for i, r in enumerate(train):
+                r["train_index"] = i
+            out.update({"train/mean_score": float(np.mean([r["score"] for r in train])),
+                        "per_train": train})
+        return out
 
-    def _run_batch(self, venv, policy, seeds: list[int]) -> list[dict]:
+    def _run_all(self, venv, policy, seeds: list, states: list, bar, video_dir=None,
+                 videos: list | None = None) -> list[dict]:
+        """Episodes in batches of n_envs; episode i resets with seeds[i] and, unless None,
+        options={"state": states[i]}; the first n_videos are recorded when video_dir is set."""
+        results: list[dict] = []
+        for start in range(0, len(seeds), self.n_envs):
+            batch = seeds[start : start + self.n_envs]
+            record = [video_dir is not None and start + i < self.n_videos
+                      for i in range(self.n_envs)]
+            venv.set_attr("recording", record)
+            if any(s is not None for s in states):
+                batch_states = states[start : start + self.n_envs]
+                venv.set_attr("reset_state", _pad(batch_states, self.n_envs))
+            batch_results = self._run_batch(venv, policy, batch)
+            if video_dir is not None and any(record):
+                frames = venv.call("take_frames")
+                for i, seed in enumerate(batch):
+                    if record[i] and frames[i]:
+                        videos.append(_write_video(Path(video_dir), seed, frames[i], self.fps))
+            results += batch_results
+            bar.update(len(batch))
+        return results
+
+    def _run_batch(self, venv, policy, seeds: list[int | None]) -> list[dict]:
         n = len(seeds)
         # envs beyond this batch's seeds re-run the last seed; their results are dropped
-        all_seeds = seeds + [seeds[-1]] * (self.n_envs - n)
-        obs, _ = venv.reset(seed=all_seeds)
+        obs, _ = venv.reset(seed=_pad(seeds, self.n_envs))
         policy.reset()
         done = np.zeros(self.n_envs, dtype=bool)
         done[n:] = True
@@ -165,6 +210,30 @@ class EnvRunner:
                 r["error"] = errors[i]
             out.append(r)
         return out
+
+
+def _pad(items: list, n: int) -> list:
+    """`items` (1 <= len <= n) padded to n with its last element."""
+    return items + [items[-1]] * (n - len(items))
+
+
+def _initial_states(source: Sequence | Mapping | None, n: int) -> list[np.ndarray]:
+    """The first n initial states from a sequence or a {"fn": 'module:function', **kwargs}."""
+    if n <= 0:
+        return []
+    if source is None:
+        raise ValueError(f"n_train={n} needs train_states (a list of states or "
+                         "{'fn': 'module:function', ...}), got None")
+    if isinstance(source, Mapping):
+        kwargs = dict(source)
+        if "fn" not in kwargs:
+            raise ValueError(f"train_states: expected a mapping with key 'fn' "
+                             f"('module:function'), got keys {sorted(kwargs)}")
+        source = resolve(kwargs.pop("fn"))(n=n, **kwargs)
+    states = [np.asarray(s) for s in source]
+    if len(states) < n:
+        raise ValueError(f"train_states: expected at least n_train={n} states, got {len(states)}")
+    return states[:n]
 
 
 def _to_container(cfg) -> dict:
