@@ -52,22 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     export.add_arguments(sub.add_parser("export", help="export a drifting policy to ONNX"))
 
     args = parser.parse_args(argv)
-    if args.command == "toy":
-        return toy.main(args)
-    if args.command == "demo":
-        return demo.main(args)
-    if args.command == "eval":
-        return evaluation.main(args)
-    if args.command == "run":
-        return realtime.main(args)
-    if args.command == "serve":
-        return serve.main(args)
-    if args.command == "export":
-        return export.main(args)
-    if args.command == "bench":
-        from drifting_policy.bench import main as bench_main
+    from drifting_policy.bench import main as bench_main
 
-        return bench_main(args)
+    handlers = {"toy": toy.main, "demo": demo.main, "eval": evaluation.main,
+                "run": realtime.main, "serve": serve.main, "export": export.main,
+                "bench": bench_main}
+    if args.command in handlers:
+        return handlers[args.command](args)
     parser.error(f"unknown command {args.command!r}")
     return 2
 

@@ -161,6 +161,18 @@ def _body(rec: EpisodeRecorder, body_id: int) -> tuple[np.ndarray, np.ndarray]:
     return data.body_xpos[body_id].copy(), data.body_xquat[body_id][[1, 2, 3, 0]].copy()
 
 
+def _grasp_from_above(obj, rot, offset: np.ndarray, hover: float, grasp: dict,
+                      rng: np.random.Generator) -> list[Waypoint]:
+    """Hover `hover` m above the object (obj() -> position [3]), descend to obj() + offset,
+    close; the grasp position is stored in grasp["at"] when the gripper starts closing."""
+    return [
+        Waypoint(lambda: obj() + [0, 0, hover], rot, OPEN, tol=0.015),
+        Waypoint(lambda: obj() + offset, rot, OPEN, tol=0.01, max_steps=30),
+        Waypoint(lambda: grasp.setdefault("at", obj() + offset), rot, CLOSED, tol=np.inf,
+                 min_steps=int(rng.integers(6, 12))),
+    ]
+
+
 def _lift_plan(rec: EpisodeRecorder, rng: np.random.Generator) -> None:
     """Above the cube, down, close, lift (success: cube 4 cm above the table)."""
     env = rec.env.sim_env
@@ -170,10 +182,7 @@ def _lift_plan(rec: EpisodeRecorder, rng: np.random.Generator) -> None:
     hover = rng.uniform(0.05, 0.11)
     grasp = {}
     waypoints = [
-        Waypoint(lambda: cube() + [0, 0, hover], rot, OPEN, tol=0.015),
-        Waypoint(lambda: cube() + offset, rot, OPEN, tol=0.01, max_steps=30),
-        Waypoint(lambda: grasp.setdefault("at", cube() + offset), rot, CLOSED, tol=np.inf,
-                 min_steps=int(rng.integers(6, 12))),
+        *_grasp_from_above(cube, rot, offset, hover, grasp, rng),
         Waypoint(lambda: grasp["at"] + [0, 0, 0.25], rot, CLOSED, max_steps=150),
     ]
     rec.follow(waypoints, speed=rng.uniform(0.7, 1.0), max_steps=ea.TASKS["lift"].max_steps)
@@ -193,10 +202,7 @@ def _can_plan(rec: EpisodeRecorder, rng: np.random.Generator) -> None:
     drop_z = env.bin2_pos[2] + rng.uniform(0.13, 0.16)
     grasp = {}
     waypoints = [
-        Waypoint(lambda: can() + [0, 0, hover], rot, OPEN, tol=0.015),
-        Waypoint(lambda: can() + offset, rot, OPEN, tol=0.01, max_steps=30),
-        Waypoint(lambda: grasp.setdefault("at", can() + offset), rot, CLOSED, tol=np.inf,
-                 min_steps=int(rng.integers(6, 12))),
+        *_grasp_from_above(can, rot, offset, hover, grasp, rng),
         Waypoint(lambda: np.array([*grasp["at"][:2], carry_z]), rot, CLOSED, tol=0.03),
         Waypoint(np.array([*goal, carry_z]), rot, CLOSED, tol=0.02, max_steps=120),
         Waypoint(np.array([*goal, drop_z]), rot, CLOSED, tol=0.015),
