@@ -41,25 +41,30 @@ def _global_ratio(num: torch.Tensor, den: torch.Tensor, group) -> torch.Tensor:
     return (both[0] / both[1]).to(num.dtype)
 
 
-def _check_set(name: str, t: torch.Tensor, batch: int | None, dim: int | None) -> None:
+def _check_set(
+    name: str, t: torch.Tensor, batch: int | None, dim: int | None, values: bool
+) -> None:
+    """Shape checks (free); with `values`, also finiteness (one host sync)."""
     if t.ndim != 3:
         raise ValueError(f"{name}: expected a 3-D tensor [B, C, S], got shape {tuple(t.shape)}")
     if batch is not None and t.shape[0] != batch:
         raise ValueError(f"{name}: expected B = {batch} problems, got shape {tuple(t.shape)}")
     if dim is not None and t.shape[2] != dim:
         raise ValueError(f"{name}: expected S = {dim} feature dims, got shape {tuple(t.shape)}")
-    if not torch.isfinite(t).all():
+    if values and not torch.isfinite(t).all():
         raise ValueError(f"{name}: contains NaN or Inf (shape {tuple(t.shape)})")
 
 
-def _weights(name: str, w: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+def _weights(
+    name: str, w: torch.Tensor | None, like: torch.Tensor, values: bool
+) -> torch.Tensor:
     """Per-sample weights [B, C] for the set `like` [B, C, S]; ones when w is None."""
     b, c = like.shape[:2]
     if w is None:
         return like.new_ones(b, c, dtype=torch.float32)
     if tuple(w.shape) != (b, c):
         raise ValueError(f"{name}: expected shape {(b, c)}, got {tuple(w.shape)}")
-    if not torch.isfinite(w).all() or (w < 0).any():
+    if values and (not torch.isfinite(w).all() or (w < 0).any()):
         raise ValueError(f"{name}: weights must be finite and >= 0 (shape {tuple(w.shape)})")
     return w.float()
 
@@ -77,6 +82,7 @@ def drift_loss(
     attraction_scale: float = 1.0,
     all_reduce: bool = False,
     process_group: torch_dist.ProcessGroup | None = None,
+    validate: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Drift loss of generated samples against positives (and optional extra negatives).
 
@@ -99,18 +105,23 @@ def drift_loss(
             per-problem loss over equal-sized slices, as DDP's gradient mean then matches).
             Requires an initialised torch.distributed; False keeps everything rank-local.
         process_group: the group to reduce over when all_reduce (None: the default group).
+        validate: also check the values (finite samples; finite, non-negative weights; a positive
+            weight in every row), which costs a device-to-host sync per check. Shapes and
+            arguments are always checked. Callers that validate their inputs once and call
+            drift_loss many times per step (image_gen's features) pass False: the function then
+            has no data-dependent branch and never syncs.
 
     Returns:
         loss: [B] float32, mean over (Cg, S) of (gen / s - goal)^2 with goal frozen.
         info: detached float32 scalars: "scale" (mean weighted distance) and "lambda/<R>" (mean
             squared un-normalised force per temperature — watch these fall, not the loss).
     """
-    _check_set("gen", gen, None, None)
+    _check_set("gen", gen, None, None, validate)
     b, cg, s = gen.shape
-    _check_set("pos", pos, b, s)
+    _check_set("pos", pos, b, s, validate)
     if neg is None:
         neg = gen.new_zeros(b, 0, s)
-    _check_set("neg", neg, b, s)
+    _check_set("neg", neg, b, s, validate)
     if cg == 0:
         raise ValueError(f"gen: needs at least one generated sample, got shape {tuple(gen.shape)}")
     if pos.shape[1] == 0:
@@ -125,13 +136,13 @@ def drift_loss(
 
     w_target = torch.cat(
         [
-            _weights("weight_gen", weight_gen, gen),
-            _weights("weight_neg", weight_neg, neg),
-            _weights("weight_pos", weight_pos, pos),
+            _weights("weight_gen", weight_gen, gen, validate),
+            _weights("weight_neg", weight_neg, neg, validate),
+            _weights("weight_pos", weight_pos, pos, validate),
         ],
         dim=1,
     )  # [B, T] with T = Cg + Cn + Cp, columns ordered (gen, neg, pos)
-    if (w_target[:, cg + neg.shape[1] :].sum(1) == 0).any():
+    if validate and (w_target[:, cg + neg.shape[1] :].sum(1) == 0).any():
         raise ValueError(f"weight_pos: every problem needs a positive weight, got all-zero rows "
                          f"(shape {tuple(weight_pos.shape)})")
 

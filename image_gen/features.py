@@ -91,6 +91,20 @@ def feature_sets(x: torch.Tensor, encoder: ResNetMAE | None) -> dict[str, torch.
     return out
 
 
+def _check_values(
+    gen: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None, weight_neg: torch.Tensor | None
+) -> None:
+    """Finite samples and finite, non-negative weights, in one device-to-host copy."""
+    named = {"gen": gen.detach(), "pos": pos, "neg": neg, "weight_neg": weight_neg}
+    checks = [(k, "NaN or Inf", torch.isfinite(t).all()) for k, t in named.items() if t is not None]
+    if weight_neg is not None:
+        checks.append(("weight_neg", "negative values", (weight_neg >= 0).all()))
+    for (key, what, _), good in zip(checks, torch.stack([c for *_, c in checks]).tolist()):
+        if not good:
+            raise ValueError(f"{key}: expected finite values (weights >= 0), got {what} "
+                             f"(shape {tuple(named[key].shape)})")
+
+
 def feature_drift_loss(
     gen: torch.Tensor,
     pos: torch.Tensor,
@@ -126,6 +140,7 @@ def feature_drift_loss(
         expected = None if neg is None else tuple(neg.shape[:2])
         raise ValueError(f"weight_neg: expected shape {expected} (one weight per negative), got "
                          f"{tuple(weight_neg.shape)}")
+    _check_values(gen, pos, neg, weight_neg)
     gen_f = feature_sets(gen, encoder)
     with torch.no_grad():
         pos_f = feature_sets(pos, encoder)
@@ -136,8 +151,10 @@ def feature_drift_loss(
     for name, g in gen_f.items():
         locations = g.shape[0] // gen.shape[0]
         w = None if weight_neg is None else weight_neg.repeat_interleave(locations, dim=0)
+        # inputs checked once above: no per-feature host syncs
         loss, info = drift_loss(g, pos_f[name], neg_f.get(name), weight_neg=w,
-                                temperatures=temperatures, **(drift_kwargs or {}))
+                                temperatures=temperatures, validate=False,
+                                **(drift_kwargs or {}))
         loss = loss.mean()
         total = total + loss
         names += [name] + [f"{k}/{name}" for k in info]

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from drifting_policy.drift import drift_field, drift_loss
 
@@ -193,6 +194,29 @@ def test_larger_temperature_gives_smoother_assignment():
 def test_bad_inputs_raise_naming_argument_and_shapes(kwargs, match):
     with pytest.raises(ValueError, match=match):
         drift_loss(**kwargs)
+
+
+class _NoHostReads(TorchDispatchMode):
+    """Fails on any tensor -> Python scalar read (`if t.any()`, `.item()`): a host sync on a GPU."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise AssertionError("host read of a tensor value")
+        return func(*args, **(kwargs or {}))
+
+
+def test_validate_false_never_reads_values_on_the_host():
+    g = torch.Generator().manual_seed(3)
+    gen, pos, neg = (torch.randn(5, c, 4, generator=g) for c in (6, 2, 3))
+    w_neg = torch.rand(5, 3, generator=g)
+    checked, info = drift_loss(gen, pos, neg, weight_neg=w_neg)
+    with _NoHostReads():
+        fast, fast_info = drift_loss(gen, pos, neg, weight_neg=w_neg, validate=False)
+    assert torch.equal(checked, fast) and all(torch.equal(info[k], fast_info[k]) for k in info)
+    with pytest.raises(AssertionError, match="host read"), _NoHostReads():
+        drift_loss(gen, pos, neg, weight_neg=w_neg)  # the value checks do read
+    with pytest.raises(ValueError, match=r"pos.*B = 5"):  # shapes are still checked
+        drift_loss(gen, pos[:2], validate=False)
 
 
 def test_field_bad_inputs():

@@ -326,3 +326,7 @@ def test_feature_drift_loss_gradients_and_weights():
         feature_drift_loss(gen, pos, neg, enc, weight_neg=torch.ones(2, 4))
     with pytest.raises(ValueError, match="pos"):
         feature_drift_loss(gen, pos[:, :, :, :8], neg, enc)
+    with pytest.raises(ValueError, match=r"neg.*NaN or Inf"):
+        feature_drift_loss(gen, pos, torch.full_like(neg, float("nan")), enc)
+    with pytest.raises(ValueError, match=r"weight_neg.*negative"):
+        feature_drift_loss(gen, pos, neg, enc, weight_neg=torch.full((2, 3), -1.0))
