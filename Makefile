@@ -7,7 +7,7 @@ IMAGE_DEMO_OUT ?= outputs/image_gen_demo
 
 .PHONY: venv demo image-demo test test-slow lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -e '.[dev]'

@@ -1,0 +1,67 @@
+"""`drifting-policy` console script: one entry point, one subcommand per job.
+
+    drifting-policy demo                       PushT end to end on a CPU (make demo)
+    drifting-policy toy   ...                  2-D drifting demo
+    drifting-policy demos pusht --episodes N --out PATH.zarr
+    drifting-policy train task=pusht_lowdim policy=drifting [hydra overrides]
+    drifting-policy eval  --checkpoint DIR --n-test 50 --out DIR
+    drifting-policy bench latency --quick --out FILE.json
+    drifting-policy bench control --quick --out FILE.json
+    drifting-policy run   --checkpoint DIR --rate 10 --episodes 1 --out DIR   (real-time loop)
+    drifting-policy serve --checkpoint DIR --bind tcp://127.0.0.1:5555        (ZeroMQ server)
+    drifting-policy export --checkpoint DIR --format onnx --out FILE.onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # train takes hydra overrides (key=value), not argparse flags
+    if argv[:1] == ["train"]:
+        from drifting_policy import train
+
+        return train.main(argv[1:])
+    if argv[:1] == ["demos"]:
+        from envs import make_demos
+
+        return make_demos.main(argv[1:])
+
+    parser = argparse.ArgumentParser(
+        prog="drifting-policy", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="train a policy (hydra overrides: task=... policy=... key=value)")
+    sub.add_parser("demos", help="write expert demonstrations (see `demos --help`)")
+
+    from drifting_policy import demo, export, serve, toy
+    from drifting_policy import eval as evaluation
+    from drifting_policy.bench import add_arguments as bench_arguments
+    from drifting_policy.rollout import realtime
+
+    toy.add_arguments(sub.add_parser("toy", help="2-D drifting demo (mode recovery, figure)"))
+    evaluation.add_arguments(sub.add_parser("eval", help="evaluate a checkpoint in simulation"))
+    demo.add_arguments(sub.add_parser("demo", help="the main job: PushT demos -> train -> eval"))
+    bench_arguments(sub.add_parser("bench", help="benchmarks (latency, control, export)"))
+    realtime.add_arguments(sub.add_parser("run", help="drive the task's env in real time"))
+    serve.add_arguments(sub.add_parser("serve", help="serve a policy over ZeroMQ"))
+    export.add_arguments(sub.add_parser("export", help="export a drifting policy to ONNX"))
+
+    args = parser.parse_args(argv)
+    from drifting_policy.bench import main as bench_main
+
+    handlers = {"toy": toy.main, "demo": demo.main, "eval": evaluation.main,
+                "run": realtime.main, "serve": serve.main, "export": export.main,
+                "bench": bench_main}
+    if args.command in handlers:
+        return handlers[args.command](args)
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

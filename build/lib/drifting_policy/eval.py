@@ -1,0 +1,58 @@
+"""`drifting-policy eval --checkpoint DIR --n-test 50 --out DIR`: roll out a checkpoint.
+
+Builds the policy and the task's env runner from the checkpoint's own config.yaml, runs the test
+seeds (100000 + i), and writes OUT/eval.json (mean_score, per-seed results, timing) plus mp4
+videos of the first episodes under OUT/videos.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from drifting_policy.checkpoint import load_policy
+from drifting_policy.rollout.runner import EnvRunner
+
+
+def evaluate(checkpoint: Path, out: Path, n_test: int | None = None, n_envs: int | None = None,
+             n_videos: int | None = None, ema: bool = True, device: str = "cpu",
+             progress: bool = True, policy=None) -> dict:
+    """Evaluate; returns (and writes to out/eval.json) the runner's result.
+
+    `policy` replaces the checkpoint's weights when given (e.g. the same weights with another
+    sampler); the task and runner still come from the checkpoint's config.
+    """
+    loaded, cfg = load_policy(checkpoint, ema=ema, device=device)
+    policy = policy if policy is not None else loaded
+    runner = EnvRunner.from_task(cfg.task, n_test=n_test, n_envs=n_envs, n_videos=n_videos)
+    t0 = time.perf_counter()
+    result = runner.run(policy, video_dir=out / "videos", progress=progress)
+    result.update(checkpoint=str(checkpoint), policy=cfg.policy._target_, task=cfg.task.name,
+                  ema=ema, eval_seconds=time.perf_counter() - t0)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory")
+    p.add_argument("--out", type=Path, default=None, help="default: <checkpoint>/eval")
+    p.add_argument("--n-test", type=int, default=None, help="test episodes (default: task's 50)")
+    p.add_argument("--n-envs", type=int, default=None, help="parallel env processes")
+    p.add_argument("--n-videos", type=int, default=None)
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def main(args: argparse.Namespace) -> int:
+    out = args.out or args.checkpoint / "eval"
+    r = evaluate(args.checkpoint, out, args.n_test, args.n_envs, args.n_videos,
+                 ema=not args.no_ema, device=args.device)
+    errors = sum("error" in s for s in r["per_seed"])
+    print(f"mean_score {r['mean_score']:.4f} over {r['n_test']} episodes "
+          f"({errors} env errors) -> {out / 'eval.json'}")
+    return 0

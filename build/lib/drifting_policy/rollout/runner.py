@@ -1,0 +1,266 @@
+"""The one rollout runner for every task: vectorised envs, DP's protocol, per-seed scores, videos.
+
+Each test episode i starts from seed `test_start_seed + i` (DP: 100000 + i). Episodes run in
+batches of `n_envs` gymnasium envs (async processes when n_envs > 1); the policy sees obs stacks of
+To frames and returns Ta actions per call. An episode's score is its max reward (DP's mean_score
+is the mean over episodes); tasks with extra metrics (BlockPush p1/p2, Kitchen p1..p4) add them
+through `metric_fn`. An env that raises counts as a failed episode (score 0) and the run goes on.
+
+Optionally (DP's robomimic runners) `n_train` more episodes start from stored simulator states,
+e.g. the first states of training demos: the env is reset with options={"state": state}, and
+these episodes are reported apart ("train/mean_score", "per_train"), never mixed into the test
+metrics.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from drifting_policy.rollout.wrappers import FailureAsTermination, FrameRecorder, MultiStepWrapper
+
+
+def resolve(name: str) -> Callable:
+    """'package.module:attr' -> the attribute."""
+    module, _, attr = name.partition(":")
+    if not attr:
+        raise ValueError(f"expected 'package.module:attribute', got {name!r}")
+    return getattr(importlib.import_module(module), attr)
+
+
+@dataclass
+class EnvSpec:
+    """What to build per env process: a gymnasium id (its package imported first) + kwargs."""
+
+    id: str
+    kwargs: dict = field(default_factory=dict)
+    package: str | None = None  # module whose import registers the id (e.g. "envs.pusht")
+    max_steps: int = 300
+    render_every: int = 1
+
+
+class ResetToState(gym.Wrapper):
+    """Reset with options={"state": reset_state} while `reset_state` (set per env through the
+    vector env's set_attr) is not None."""
+
+    reset_state = None
+
+    def reset(self, **kwargs):
+        if self.reset_state is not None:
+            kwargs["options"] = {**(kwargs.get("options") or {}), "state": self.reset_state}
+        return self.env.reset(**kwargs)
+
+
+def _make_env(spec: EnvSpec, n_obs_steps: int, n_action_steps: int) -> gym.Env:
+    if spec.package:
+        importlib.import_module(spec.package)
+    env = gym.make(spec.id, disable_env_checker=True, **spec.kwargs)
+    env = FrameRecorder(FailureAsTermination(ResetToState(env)), every=spec.render_every)
+    return MultiStepWrapper(env, n_obs_steps, n_action_steps, spec.max_steps)
+
+
+class EnvRunner:
+    """Evaluate a policy on `n_test` seeded episodes.
+
+    Args:
+        env: EnvSpec (or its fields as a mapping).
+        n_obs_steps, n_action_steps: To / Ta of the policy.
+        n_test: number of test episodes; test_start_seed: seed of the first.
+        n_envs: parallel envs (processes when > 1); defaults to min(n_test, cpu count).
+        n_videos: record the first n_videos episodes as mp4 under `video_dir`.
+        metric_fn: 'module:function' or callable (rewards [N], final infos) -> extra metrics.
+        fps: video frame rate.
+        n_train: episodes started from `train_states` (0: none).
+        train_states: the initial simulator states, a sequence of arrays or a mapping
+            {"fn": 'module:function', **kwargs} whose fn(n=n_train, **kwargs) returns them
+            (e.g. envs.robomimic.env:initial_states with the dataset path).
+    """
+
+    def __init__(
+        self,
+        env: EnvSpec | Mapping,
+        n_obs_steps: int,
+        n_action_steps: int,
+        n_test: int = 50,
+        test_start_seed: int = 100_000,
+        n_envs: int | None = None,
+        n_videos: int = 0,
+        metric_fn: str | Callable | None = None,
+        fps: int = 10,
+        n_train: int = 0,
+        train_states: Sequence | Mapping | None = None,
+    ) -> None:
+        self.spec = env if isinstance(env, EnvSpec) else EnvSpec(**dict(env))
+        self.n_obs_steps, self.n_action_steps = n_obs_steps, n_action_steps
+        self.n_test, self.test_start_seed = n_test, test_start_seed
+        self.n_envs = max(1, min(n_test, n_envs or os.cpu_count() or 1))
+        self.n_videos, self.fps = n_videos, fps
+        self.metric_fn = resolve(metric_fn) if isinstance(metric_fn, str) else metric_fn
+        self.train_states = _initial_states(train_states, n_train)
+
+    @classmethod
+    def from_task(cls, task: Mapping, **overrides) -> EnvRunner:
+        """The runner a task config describes (task.env, task.runner, To/Ta); `overrides`
+        replace task.runner entries that are not None."""
+        container = task if isinstance(task, dict) else _to_container(task)
+        runner = {**container["runner"], **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(env=container["env"], n_obs_steps=container["n_obs_steps"],
+                   n_action_steps=container["n_action_steps"], **runner)
+
+    def _vector_env(self) -> gym.vector.VectorEnv:
+        fns = [lambda: _make_env(self.spec, self.n_obs_steps, self.n_action_steps)] * self.n_envs
+        kw = dict(autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+        if self.n_envs == 1:
+            return gym.vector.SyncVectorEnv(fns, **kw)
+        return gym.vector.AsyncVectorEnv(fns, context="fork", **kw)
+
+    @torch.no_grad()
+    def run(self, policy, video_dir: str | Path | None = None, progress: bool = True) -> dict:
+        """Roll out; returns {"mean_score", extra metrics, "per_seed": [...], "videos": [...]}
+        and, with train states, {"train/mean_score", "per_train": [...]}."""
+        seeds = [self.test_start_seed + i for i in range(self.n_test)]
+        n_train = len(self.train_states)
+        videos: list[str] = []
+        venv = self._vector_env()
+        bar = tqdm(total=n_train + self.n_test, desc="rollout", disable=not progress,
+                   leave=False)
+        try:
+            train = self._run_all(venv, policy, [None] * n_train, self.train_states, bar)
+            venv.set_attr("reset_state", [None] * self.n_envs)
+            results = self._run_all(venv, policy, seeds, [None] * self.n_test, bar,
+                                    video_dir, videos)
+        finally:
+            bar.close()
+            venv.close()
+        rewards = np.array([r["score"] for r in results])
+        metrics = {"mean_score": float(np.mean(rewards))}  # DP: mean of episodes' max reward
+        if self.metric_fn is not None:
+            metrics.update(self.metric_fn(rewards, results))
+        out = {**metrics, "n_test": self.n_test, "per_seed": results, "videos": videos}
+        if train:
+            for i, r in enumerate(train):
+                r["train_index"] = i
+            out.update({"train/mean_score": float(np.mean([r["score"] for r in train])),
+                        "per_train": train})
+        return out
+
+    def _run_all(self, venv, policy, seeds: list, states: list, bar, video_dir=None,
+                 videos: list | None = None) -> list[dict]:
+        """Episodes in batches of n_envs; episode i resets with seeds[i] and, unless None,
+        options={"state": states[i]}; the first n_videos are recorded when video_dir is set."""
+        results: list[dict] = []
+        for start in range(0, len(seeds), self.n_envs):
+            batch = seeds[start : start + self.n_envs]
+            record = [video_dir is not None and start + i < self.n_videos
+                      for i in range(self.n_envs)]
+            venv.set_attr("recording", record)
+            if any(s is not None for s in states):
+                batch_states = states[start : start + self.n_envs]
+                venv.set_attr("reset_state", _pad(batch_states, self.n_envs))
+            batch_results = self._run_batch(venv, policy, batch)
+            if video_dir is not None and any(record):
+                frames = venv.call("take_frames")
+                for i, seed in enumerate(batch):
+                    if record[i] and frames[i]:
+                        videos.append(_write_video(Path(video_dir), seed, frames[i], self.fps))
+            results += batch_results
+            bar.update(len(batch))
+        return results
+
+    def _run_batch(self, venv, policy, seeds: list[int | None]) -> list[dict]:
+        n = len(seeds)
+        # envs beyond this batch's seeds re-run the last seed; their results are dropped
+        obs, _ = venv.reset(seed=_pad(seeds, self.n_envs))
+        policy.reset()
+        done = np.zeros(self.n_envs, dtype=bool)
+        done[n:] = True
+        score = np.zeros(self.n_envs)
+        errors: list[str | None] = [None] * self.n_envs
+        info_last: list[dict] = [{} for _ in range(self.n_envs)]
+        t0 = time.perf_counter()
+        while not done.all():
+            obs_dict = _to_policy_obs(obs, policy.device)
+            action = policy.predict_action(obs_dict)["action"].float().cpu().numpy()
+            obs, reward, term, trunc, info = venv.step(action)
+            for i in np.flatnonzero(~done):
+                score[i] = max(score[i], float(reward[i]))
+                info_i = {k: v[i] for k, v in info.items() if not k.startswith("_")
+                          and info.get("_" + k, np.ones(self.n_envs, bool))[i]}
+                if info_i:
+                    info_last[i] = info_i
+                if "error" in info_i:
+                    errors[i], score[i] = str(info_i["error"]), 0.0
+                if term[i] or trunc[i]:
+                    done[i] = True
+        seconds = time.perf_counter() - t0
+        out = []
+        for i, seed in enumerate(seeds):
+            r = {"seed": seed, "score": float(score[i]), "seconds": seconds}
+            r.update({k: _plain(v) for k, v in info_last[i].items() if k != "error"})
+            if errors[i]:
+                r["error"] = errors[i]
+            out.append(r)
+        return out
+
+
+def _pad(items: list, n: int) -> list:
+    """`items` (1 <= len <= n) padded to n with its last element."""
+    return items + [items[-1]] * (n - len(items))
+
+
+def _initial_states(source: Sequence | Mapping | None, n: int) -> list[np.ndarray]:
+    """The first n initial states from a sequence or a {"fn": 'module:function', **kwargs}."""
+    if n <= 0:
+        return []
+    if source is None:
+        raise ValueError(f"n_train={n} needs train_states (a list of states or "
+                         "{'fn': 'module:function', ...}), got None")
+    if isinstance(source, Mapping):
+        kwargs = dict(source)
+        if "fn" not in kwargs:
+            raise ValueError(f"train_states: expected a mapping with key 'fn' "
+                             f"('module:function'), got keys {sorted(kwargs)}")
+        source = resolve(kwargs.pop("fn"))(n=n, **kwargs)
+    states = [np.asarray(s) for s in source]
+    if len(states) < n:
+        raise ValueError(f"train_states: expected at least n_train={n} states, got {len(states)}")
+    return states[:n]
+
+
+def _to_container(cfg) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _plain(v):
+    v = np.asarray(v)
+    return v.item() if v.ndim == 0 else v.tolist()
+
+
+def _to_policy_obs(obs, device) -> dict[str, torch.Tensor]:
+    """Vector-env obs ([N, To, ...] array or dict of them) -> the policy's obs dict."""
+    if isinstance(obs, Mapping):
+        return {k: torch.as_tensor(np.asarray(v), dtype=torch.float32, device=device)
+                for k, v in obs.items()}
+    return {"obs": torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=device)}
+
+
+def _write_video(video_dir: Path, seed: int, frames: list[np.ndarray], fps: int) -> str:
+    import imageio.v2 as imageio
+
+    video_dir.mkdir(parents=True, exist_ok=True)
+    path = video_dir / f"seed_{seed}.mp4"
+    with imageio.get_writer(path, fps=fps, codec="libx264", macro_block_size=1) as w:
+        for f in frames:
+            w.append_data(np.asarray(f, dtype=np.uint8))
+    return str(path)
