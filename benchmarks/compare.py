@@ -1,15 +1,18 @@
 """Drifting (1 NFE) vs the Diffusion Policy baseline on one task, same data, same budget.
 
 Both policies use the same ConditionalUnet1D size, the same generated expert demos, the same
-optimiser settings and the same wall-clock training budget (optimisation time only). Each is then
-evaluated on the same test seeds (100000 + i); the diffusion policy with DDPM-100 (as trained)
-and DDIM-10 (same weights). Reports mean_score and the task's extra metrics (BlockPush p1/p2,
-Kitchen p1..p4, ...), steps, observation windows and generated chunks seen, train minutes and
-batch-1 latency; writes JSON and a training-curve figure per policy.
+optimiser settings and the same training budget: wall-clock minutes of optimisation (--minutes,
+the default) or optimiser steps (--steps; drifting costs more per step, G chunks per
+observation). Each is then evaluated on the same test seeds (100000 + i); the diffusion policy
+with DDPM-100 (as trained) and DDIM-10 (same weights). Reports mean_score and the task's extra
+metrics (BlockPush p1/p2, Kitchen p1..p4, ...), steps, observation windows and generated chunks
+seen, train minutes and batch-1 latency; writes JSON and a training-curve figure per policy.
 
     python benchmarks/compare.py --task pusht_lowdim --minutes 12 \
         --out benchmarks/results/pusht_compare_cpu.json
     python benchmarks/compare.py --task blockpush_lowdim --data data/blockpush.zarr ...
+    python benchmarks/compare.py --task lift_lowdim --steps 3000   # equal optimiser steps
+    python benchmarks/compare.py --task tool_hang_lowdim --policies drifting --minutes 10
 """
 
 from __future__ import annotations
@@ -45,7 +48,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--task", default="pusht_lowdim", help="configs/task/<TASK>.yaml")
     p.add_argument("--data", type=Path, default=None, help="dataset (default: the task's path)")
-    p.add_argument("--minutes", type=float, default=12.0, help="training budget per policy")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, default=None,
+                        help="training budget per policy in minutes (default 12)")
+    budget.add_argument("--steps", type=int, default=None,
+                        help="training budget per policy in optimiser steps")
+    p.add_argument("--policies", default="drifting,diffusion",
+                   help="comma-separated subset of drifting,diffusion")
     p.add_argument("--n-test", type=int, default=50)
     p.add_argument("--n-envs", type=int, default=10)
     p.add_argument("--size", default="cpu")
@@ -56,23 +65,31 @@ def main() -> None:
                    help="samplers to evaluate the diffusion weights with (ddpmN / ddimN)")
     p.add_argument("overrides", nargs="*", help="extra hydra overrides for both policies")
     args = p.parse_args()
+    policies = args.policies.split(",")
+    if not policies or not set(policies) <= {"drifting", "diffusion"}:
+        p.error(f"--policies: expected a subset of drifting,diffusion, got {args.policies!r}")
+    if args.steps is None and args.minutes is None:
+        args.minutes = 12.0
+    budget = ([f"training.num_steps={args.steps}", "training.max_minutes=null"]
+              if args.steps else ["training.num_steps=1000000",
+                                  f"training.max_minutes={args.minutes}"])
+    budget_name = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
     args.work = args.work or Path(f"outputs/compare_{args.task}")
     args.out = args.out or Path(f"benchmarks/results/{args.task}_compare_cpu.json")
     data = [f"task.dataset.path={args.data}"] if args.data else []
 
     rows = []
-    for policy_name in ("drifting", "diffusion"):
+    for policy_name in policies:
         run_dir = args.work / policy_name
         cfg = compose("train_policy", [
             f"task={args.task}", f"policy={policy_name}", f"size={args.size}",
-            f"run_dir={run_dir}", *data, "training.num_steps=1000000",
-            f"training.max_minutes={args.minutes}", "training.rollout_every=0",
+            f"run_dir={run_dir}", *data, *budget, "training.rollout_every=0",
             "training.checkpoint_every=1000", "training.val_every=500", "logging.mode=disabled",
         ])
         ws = TrainWorkspace(cfg)
         ws.run()
         plot_training_curves(run_dir / "logs.jsonl", args.work / f"{policy_name}_curves.png",
-                             title=f"{policy_name}, {args.task}, {args.minutes:g} min")
+                             title=f"{policy_name}, {args.task}, {budget_name}")
         ckpt = run_dir / "checkpoints" / "latest"
         variants = [("drifting", None)] if policy_name == "drifting" else [
             (name, _sampler(name)) for name in args.diffusion_samplers.split(",")]
@@ -107,7 +124,8 @@ def main() -> None:
               + f" {r['train_steps']:>7} {r['train_minutes']:>8.1f} {r['obs_windows_seen']:>9} "
               f"{r['latency_ms']:>11.2f}")
     meta = {"task": args.task, "data": str(args.data or cfg.task.dataset.path),
-            "minutes_per_policy": args.minutes, "size": args.size,
+            "minutes_per_policy": args.minutes, "steps_per_policy": args.steps,
+            "size": args.size,
             "n_test": args.n_test, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": platform.machine(),
             "command": "python benchmarks/compare.py " + " ".join(sys.argv[1:])}
