@@ -1,5 +1,7 @@
 """The one env runner: DP's multistep protocol, per-seed results, env failures don't stop it."""
 
+import threading
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -34,6 +36,34 @@ class CounterEnv(gym.Env):
 
 
 gym.register("Counter-v0", entry_point=CounterEnv)
+# vector-env workers start from a clean process and import this module to get the registration
+COUNTER = {"id": "Counter-v0", "package": "test_runner", "max_steps": 20}
+SIM_LOCK = threading.Lock()  # stands in for a lock inside a simulator's renderer (EGL)
+RENDER_THREAD_STOP: list[threading.Event] = []  # set when this process's render thread runs
+
+
+def _render_thread(ready: threading.Event, stop: threading.Event) -> None:
+    with SIM_LOCK:  # a driver thread that holds the renderer's lock while it works
+        ready.set()
+        stop.wait()
+
+
+class LockedInitCounterEnv(CounterEnv):
+    """Takes SIM_LOCK while it is built; the first env of a process then starts a background
+    render thread that holds SIM_LOCK, as an EGL driver does (the vector env builds one env in
+    the parent for its spaces, so the parent has that thread when the workers start)."""
+
+    def __init__(self):
+        with SIM_LOCK:
+            super().__init__()
+        if not RENDER_THREAD_STOP:
+            ready, stop = threading.Event(), threading.Event()
+            threading.Thread(target=_render_thread, args=(ready, stop), daemon=True).start()
+            ready.wait()
+            RENDER_THREAD_STOP.append(stop)
+
+
+gym.register("LockedInitCounter-v0", entry_point=LockedInitCounterEnv)
 
 
 class RecordingPolicy:
@@ -67,7 +97,7 @@ def test_multistep_wrapper_stacks_pads_and_takes_max_reward():
 
 @pytest.mark.parametrize("n_envs", [1, 2])
 def test_runner_scores_seeds_and_survives_env_errors(tmp_path, n_envs):
-    runner = EnvRunner(env={"id": "Counter-v0", "max_steps": 20}, n_obs_steps=2,
+    runner = EnvRunner(env=COUNTER, n_obs_steps=2,
                        n_action_steps=3, n_test=5, test_start_seed=100, n_envs=n_envs,
                        n_videos=1)
     policy = RecordingPolicy()
@@ -82,3 +112,19 @@ def test_runner_scores_seeds_and_survives_env_errors(tmp_path, n_envs):
     first = policy.seen[0]
     assert first.shape[1:] == (2, 2) and set(first[:, 0, 1].tolist()) <= {100.0, 101.0}
     assert len(result["videos"]) == 1 and result["videos"][0].endswith("seed_100.mp4")
+
+
+@pytest.mark.timeout(120)
+def test_workers_do_not_inherit_locks_held_by_parent_threads():
+    """A forked worker copies SIM_LOCK in its locked state, without the thread that would release
+    it, and hangs in the env's __init__ (how robosuite image rollouts hung after training).
+    The runner's workers start from a clean process instead."""
+    runner = EnvRunner(env={**COUNTER, "id": "LockedInitCounter-v0"}, n_obs_steps=2,
+                       n_action_steps=3, n_test=2, n_envs=2)
+    try:
+        result = runner.run(RecordingPolicy(), progress=False)
+    finally:
+        for stop in RENDER_THREAD_STOP:
+            stop.set()
+    assert RENDER_THREAD_STOP, "the parent built an env (gymnasium's space probe)"
+    assert result["mean_score"] == pytest.approx(1.0)

@@ -121,7 +121,11 @@ class EnvRunner:
         kw = dict(autoreset_mode=gym.vector.AutoresetMode.DISABLED)
         if self.n_envs == 1:
             return gym.vector.SyncVectorEnv(fns, **kw)
-        return gym.vector.AsyncVectorEnv(fns, context="fork", **kw)
+        # forkserver, not fork: a worker forked from the trainer inherits every lock another
+        # thread (wandb, tqdm, torch, the dynamic loader) held at that moment, and robosuite's
+        # EGL context creation then hangs forever; forkserver children start from a clean
+        # single-threaded process
+        return gym.vector.AsyncVectorEnv(fns, context="forkserver", **kw)
 
     @torch.no_grad()
     def run(self, policy, video_dir: str | Path | None = None, progress: bool = True) -> dict:
