@@ -311,6 +311,7 @@ class TrainWorkspace:
     def _finish(self, wandb_run, last_metrics: dict) -> None:
         t = self.cfg.training
         if t.rollout_every and self.step % t.rollout_every != 0 and t.final_rollout:
+            self.save("latest")  # the trained weights are safe even if the rollout fails
             metrics = self._rollout_metrics()
             self._log({"step": self.step, "train_seconds": self.train_seconds, **metrics},
                       wandb_run)

@@ -107,6 +107,22 @@ def test_diffusion_baseline_trains_and_checkpoints(tmp_path, pusht_zarr):
     assert policy.predict_action(obs)["action"].shape == (1, 8, 2)
 
 
+def test_final_weights_are_saved_before_a_failing_final_rollout(tmp_path, pusht_zarr,
+                                                                 monkeypatch):
+    ws = TrainWorkspace(_cfg(tmp_path, pusht_zarr, **{"training.num_steps": 5}))
+
+    def crash(self):
+        raise RuntimeError("simulator crashed")
+
+    monkeypatch.setattr(TrainWorkspace, "_rollout_metrics", crash)
+    with pytest.raises(RuntimeError, match="simulator crashed"):
+        ws.run()  # step 5 is not a checkpoint step (every 2): only the final save has it
+    assert ckpt.load_train_state(tmp_path / "checkpoints/latest")["step"] == 5
+    saved = _weights(tmp_path, ckpt.MODEL)
+    state = ws.policy.state_dict()
+    assert saved.keys() <= state.keys() and all(torch.equal(saved[k], state[k]) for k in saved)
+
+
 def test_checkpoint_write_is_atomic_and_loading_validates(tmp_path, pusht_zarr, monkeypatch):
     ws = TrainWorkspace(_cfg(tmp_path, pusht_zarr))
     latest = ws.save("latest")
