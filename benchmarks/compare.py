@@ -48,10 +48,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--task", default="pusht_lowdim", help="configs/task/<TASK>.yaml")
     p.add_argument("--data", type=Path, default=None, help="dataset (default: the task's path)")
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--minutes", type=float, default=None,
+    budget_args = p.add_mutually_exclusive_group()
+    budget_args.add_argument("--minutes", type=float, default=None,
                         help="training budget per policy in minutes (default 12)")
-    budget.add_argument("--steps", type=int, default=None,
+    budget_args.add_argument("--steps", type=int, default=None,
                         help="training budget per policy in optimiser steps")
     p.add_argument("--policies", default="drifting,diffusion",
                    help="comma-separated subset of drifting,diffusion")
