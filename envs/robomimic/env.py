@@ -34,8 +34,8 @@ import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
 from gymnasium import spaces  # noqa: E402
 
-from drifting_policy.data.rotation import abs_action_10_to_7  # noqa: E402
 from envs.robomimic import env_args as ea  # noqa: E402
+from envs.robomimic.rotation import abs_action_10_to_7  # noqa: E402
 
 _RENAMED_OBS = {"object-state": "object"}
 IMAGE_LOWDIM_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
@@ -148,14 +148,34 @@ class RobomimicEnv(gym.Env):
 
     def reset_to_state(self, state: np.ndarray) -> dict:
         """Set the MuJoCo state (robomimic's flattened time, qpos, qvel) and return the raw
-        robosuite observation there (no env.reset() here; reset() calls it first)."""
+        robosuite observation there (no env.reset() here; reset() calls it first).
+
+        Two pieces of robosuite state live outside the MuJoCo state, and a plain
+        set-state-and-forward (robomimic 0.3's `reset_to`) leaves both as the preceding random
+        reset made them; they are restored here as a reset at `state` would have made them:
+        - the OSC controller's nullspace target (`initial_joint`: the arm joints at reset) and
+          its goal (the current pose);
+        - the observables' sampling clocks (a reset restarts them and samples once; a second
+          forced sample would move every later observation one 2 ms substep earlier).
+        Replaying a demo's actions from its first stored state then reproduces it (Lift:
+        end-effector path within 1e-7 m; without this 4e-3 m after 20 steps).
+        """
         state = np.asarray(state, dtype=np.float64).reshape(-1)
         if state.shape[0] != self.state_dim:
             raise ValueError(f"options['state']: expected a flat sim state of length "
                              f"{self.state_dim} for {self.task}, got {state.shape[0]}")
-        self.sim_env.sim.set_state_from_flattened(state)
-        self.sim_env.sim.forward()
-        return self.sim_env._get_observations(force_update=True)
+        env = self.sim_env
+        env.sim.set_state_from_flattened(state)
+        env.sim.forward()
+        for robot in env.robots:
+            robot.composite_controller.update_state()
+            for controller in robot.composite_controller.part_controllers.values():
+                controller.update(force=True)
+                controller.update_initial_joints(controller.joint_pos)
+        env._obs_cache = {}
+        for observable in env._observables.values():
+            observable.reset()
+        return env._get_observations(force_update=True)
 
     def step(self, action):
         action = np.asarray(action, dtype=np.float64)

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from drifting_policy.data.rotation import abs_action_7_to_10
 from envs.robomimic import env_args as ea
 from envs.robomimic.env import RobomimicEnv
+from envs.robomimic.rotation import abs_action_7_to_10
 
 POS_SCALE, ROT_SCALE = 0.05, 0.5  # OSC output limits: metres / radians per unit action
 POS_GAIN = 2.0  # > 1 makes up for the OSC's sag under gravity and payload
