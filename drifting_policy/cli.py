@@ -10,25 +10,56 @@
     drifting-policy run   --checkpoint DIR --rate 10 --episodes 1 --out DIR   (real-time loop)
     drifting-policy serve --checkpoint DIR --bind tcp://127.0.0.1:5555        (ZeroMQ server)
     drifting-policy export --checkpoint DIR --format onnx --out FILE.onnx
+
+Add --debug to any command for the full traceback of an error.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+DEBUG_ENV = "DRIFTING_POLICY_DEBUG"
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the user's input is wrong (bad value, missing file, unknown task or
+    key): one line on stderr, no traceback."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, HydraException,
+            OmegaConfBaseException)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand; a user mistake prints `drifting-policy: error: ...` and exits 2
+    (`--debug` or DRIFTING_POLICY_DEBUG=1 shows the traceback instead)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _dispatch(argv)
+    except _user_errors() as e:
+        if debug:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"drifting-policy: error: {message} (--debug shows the traceback)",
+              file=sys.stderr)
+        return 2
+
+
+def _dispatch(argv: list[str]) -> int:
     # train takes hydra overrides (key=value), not argparse flags
     if argv[:1] == ["train"]:
         from drifting_policy import train
 
         return train.main(argv[1:])
     if argv[:1] == ["demos"]:
-        from envs import make_demos
+        from drifting_policy.data import demos
 
-        return make_demos.main(argv[1:])
+        return demos.main(argv[1:])
 
     parser = argparse.ArgumentParser(
         prog="drifting-policy", description=__doc__,

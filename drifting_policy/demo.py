@@ -48,7 +48,7 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     expert_line = f"existing dataset {args.data}"
     if not args.data.exists():
-        from envs import make_demos
+        from drifting_policy.data import demos as make_demos
 
         print(f"[1/4] generating {args.episodes} PushT expert demos -> {args.data}")
         if make_demos.main(["pusht", "--episodes", str(args.episodes), "--out", str(args.data)]):

@@ -12,10 +12,10 @@ from scipy.spatial.transform import Rotation
 
 import envs.blockpush  # noqa: F401  (registers the gymnasium ids)
 from drifting_policy.config import compose
+from drifting_policy.data import demos as make_demos
 from drifting_policy.data.replay_buffer import ReplayBuffer
 from drifting_policy.rollout.runner import EnvRunner
 from drifting_policy.train import TrainWorkspace
-from envs import make_demos
 from envs.blockpush.env import (
     EFFECTOR_START,
     OBS_LAYOUT,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import envs.pusht  # noqa: F401  (registers the gymnasium ids)
-from envs import make_demos
+from drifting_policy.data import demos as make_demos
 from envs.pusht.env import (
     BLOCK_KEYPOINTS,
     GOAL_POSE,

@@ -4,9 +4,9 @@ policy -> a real PushT score on held-out test seeds."""
 import pytest
 
 from drifting_policy.config import compose
+from drifting_policy.data import demos as make_demos
 from drifting_policy.eval import evaluate
 from drifting_policy.train import TrainWorkspace
-from envs import make_demos
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""`drifting-policy demos <task> --episodes N --out PATH`: scripted expert -> native dataset file.
+"""`drifting-policy demos <task> --episodes N --out PATH`: scripted expert -> dataset file.
 
 Each task is one entry of `TASKS`: where its per-episode collector lives (imported lazily, in
 the worker processes), which writer produces its dataset format, and the task's own boolean
