@@ -5,6 +5,12 @@ Parameters live in ``state_dict()`` under the same names as Diffusion Policy's
 and never trained. A fresh ``LinearNormalizer()`` rebuilds its keys from a state dict, so a
 checkpoint restores without refitting.
 
+Devices: the normaliser follows ``.to(device)`` even while it has no keys, and every parameter it
+creates later (``fit``, ``set_*``, ``load_state_dict``) is created there; ``load_state_dict``
+copies into the existing parameters where a key's shapes match. Tensors to transform must be on
+the normaliser's device (a mismatch raises instead of copying the parameters on every call);
+NumPy arrays are moved there.
+
 Example::
 
     normalizer = LinearNormalizer()
@@ -30,9 +36,10 @@ def _as_tensor(x: np.ndarray | Tensor) -> Tensor:
     return torch.from_numpy(np.asarray(x)) if not isinstance(x, Tensor) else x
 
 
-def _frozen(x: np.ndarray | Tensor | float) -> nn.Parameter:
-    t = torch.as_tensor(x, dtype=torch.float32).detach().clone().reshape(-1)
-    return nn.Parameter(t, requires_grad=False)
+def _frozen(x: np.ndarray | Tensor | float, like: Tensor) -> nn.Parameter:
+    """[D] float parameter (no grad) on `like`'s device, in `like`'s dtype."""
+    t = torch.as_tensor(x, dtype=torch.float32).detach().reshape(-1)
+    return nn.Parameter(t.to(like.device, like.dtype, copy=True), requires_grad=False)
 
 
 class FieldNormalizer:
@@ -63,11 +70,17 @@ class FieldNormalizer:
         return self._transform(x, forward=False)
 
     def _transform(self, x: np.ndarray | Tensor, forward: bool) -> Tensor:
-        x = _as_tensor(x)
+        if not isinstance(x, Tensor):
+            x = _as_tensor(x).to(self.scale.device)
+        if x.device != self.scale.device:
+            raise ValueError(
+                f"normalizer key '{self.key}': input on {x.device}, parameters on "
+                f"{self.scale.device}; move the input (or the policy: policy.to(device))"
+            )
         if not x.is_floating_point():
-            x = x.float()  # e.g. uint8 images
-        scale = self.scale.to(device=x.device, dtype=x.dtype)
-        offset = self.offset.to(device=x.device, dtype=x.dtype)
+            x = x.float()
+        scale = self.scale.to(dtype=x.dtype)
+        offset = self.offset.to(dtype=x.dtype)
         dim = scale.shape[0]
         # the trailing dims must multiply to D exactly (D == 1 applies to any shape)
         trailing = 1
@@ -91,6 +104,8 @@ class LinearNormalizer(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.params_dict = nn.ParameterDict()
+        # empty, not saved: holds the device and dtype of `.to()` while there are no keys yet
+        self.register_buffer("_placement", torch.empty(0), persistent=False)
 
     # ------------------------------------------------------------------ building
     @torch.no_grad()
@@ -146,8 +161,10 @@ class LinearNormalizer(nn.Module):
         missing = set(_STATS) - set(input_stats)
         if missing:
             raise ValueError(f"input_stats for '{key}' lacks {sorted(missing)}")
-        params = nn.ParameterDict({"scale": _frozen(scale), "offset": _frozen(offset)})
-        params["input_stats"] = nn.ParameterDict({s: _frozen(input_stats[s]) for s in _STATS})
+        like = self._placement
+        params = nn.ParameterDict({"scale": _frozen(scale, like), "offset": _frozen(offset, like)})
+        params["input_stats"] = nn.ParameterDict({s: _frozen(input_stats[s], like)
+                                                  for s in _STATS})
         shapes = {name: tuple(p.shape) for name, p in params.named_parameters()}
         if len(set(shapes.values())) != 1:
             raise ValueError(f"parameters of '{key}' differ in shape: {shapes}")
@@ -199,7 +216,9 @@ class LinearNormalizer(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         """Recreate the per-key entries from the state dict before torch copies the values in,
-        so that ``LinearNormalizer().load_state_dict(fitted.state_dict())`` works."""
+        so that ``LinearNormalizer().load_state_dict(fitted.state_dict())`` works. A key whose
+        parameters already exist with the same shapes keeps them (values are copied in place);
+        new ones are created on the normaliser's device."""
         head = prefix + "params_dict."
         entries: dict[str, dict[str, Tensor]] = {}
         for name, value in state_dict.items():
@@ -209,14 +228,19 @@ class LinearNormalizer(nn.Module):
         if entries:
             rebuilt = nn.ParameterDict()
             for key, fields in entries.items():
-                params = nn.ParameterDict()
-                stats = nn.ParameterDict()
+                old = (dict(self.params_dict[key].named_parameters())
+                       if key in self.params_dict else {})
+                params, stats = nn.ParameterDict(), nn.ParameterDict()
                 for field, value in fields.items():
-                    frozen = nn.Parameter(torch.empty_like(value), requires_grad=False)
+                    keep = old.get(field)
+                    if keep is None or keep.shape != value.shape:
+                        keep = nn.Parameter(
+                            torch.empty(value.shape, device=self._placement.device,
+                                        dtype=self._placement.dtype), requires_grad=False)
                     if field.startswith("input_stats."):
-                        stats[field.removeprefix("input_stats.")] = frozen
+                        stats[field.removeprefix("input_stats.")] = keep
                     else:
-                        params[field] = frozen
+                        params[field] = keep
                 params["input_stats"] = stats
                 rebuilt[key] = params
             self.params_dict = rebuilt

@@ -212,9 +212,18 @@ class ConditionalUnet1D(nn.Module):
     def _step_tensor(
         self, timestep: torch.Tensor | int | float, sample: torch.Tensor
     ) -> torch.Tensor:
-        """Timestep as a float tensor [B]: python numbers and 0-d / [1] tensors are broadcast."""
+        """Timestep as a float tensor [B]: python numbers and 0-d / [1] tensors are broadcast.
+
+        A number or a one-element CPU tensor (a scheduler's timestep) is filled in on the
+        sample's device: no host-to-device copy, so no sync per denoising step on a GPU.
+        """
         batch = sample.shape[0]
-        t = torch.as_tensor(timestep, device=sample.device)
+        host = not isinstance(timestep, torch.Tensor) or (
+            timestep.device.type == "cpu" and timestep.numel() == 1)
+        if host:
+            t = sample.new_full((1,), float(timestep))
+        else:
+            t = timestep.to(sample.device)
         if t.ndim == 0:
             t = t[None]
         if t.ndim != 1 or t.shape[0] not in (1, batch):
