@@ -310,10 +310,13 @@ def test_feature_drift_loss_gradients_and_weights():
     assert pos.grad is None and neg.grad is None
     assert all(q.grad is None for q in enc.parameters())
 
-    # weight 0 removes every negative column: the same as passing no negatives
+    # with exact_degenerate, weight 0 removes every negative column: the same as passing no
+    # negatives (the release's default arithmetic keeps their share of the row softmax)
+    exact = {"exact_degenerate": True}
     with torch.no_grad():
-        zero, _ = feature_drift_loss(gen, pos, neg, enc, weight_neg=torch.zeros(2, 3))
-        none, _ = feature_drift_loss(gen, pos, None, enc)
+        zero, _ = feature_drift_loss(gen, pos, neg, enc, weight_neg=torch.zeros(2, 3),
+                                     drift_kwargs=exact)
+        none, _ = feature_drift_loss(gen, pos, None, enc, drift_kwargs=exact)
         raw, raw_info = feature_drift_loss(gen, pos, None, None)
         _, none_info = feature_drift_loss(gen, pos, None, enc)
     assert torch.allclose(zero, none, rtol=1e-4)  # float32 distances via matmul differ slightly
