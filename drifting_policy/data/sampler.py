@@ -11,9 +11,10 @@ Worked example: one episode of length 3 (frames a b c), ``sequence_length=4``, `
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
+import torch
 
 from drifting_policy.data.replay_buffer import ReplayBuffer
 
@@ -152,3 +153,58 @@ class SequenceSampler:
                 sample = window
             result[key] = sample
         return result
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Endless seeded batch order for a DataLoader's ``batch_sampler``, resumable exactly.
+
+    Epoch e shuffles ``range(n)`` with ``torch.randperm`` seeded ``seed + e``; the ``world`` ranks
+    take strided shards of that one permutation (the ``n % world`` tail is dropped so every rank
+    gets as many batches), and each shard is cut into full batches of ``batch_size`` (the rest is
+    dropped; at least one batch per epoch).
+
+    The position is ``(epoch, consumed)``. Iterating starts at the position current when
+    ``iter()`` is called and never ends, so one DataLoader (with persistent workers) serves the
+    whole run; the consumer calls :meth:`advance` for each batch it has *used* — workers fetch
+    ahead of it, so the iterator's own progress is not the position. ``state_dict()`` records the
+    position and the world size; loading it with another world size raises.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        if n < world:
+            raise ValueError(f"dataset: expected at least {world} samples (one per rank), got {n}")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank: expected 0..{world - 1}, got {rank}")
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.n_batches = max(1, (n - n % world) // world // batch_size)  # per epoch
+        self.epoch, self.consumed = 0, 0
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of `epoch`, in order: [n_batches][batch_size] sample indices."""
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        usable = self.n - self.n % self.world
+        order = torch.randperm(self.n, generator=g)[:usable][self.rank :: self.world].tolist()
+        return [order[i * self.batch_size : (i + 1) * self.batch_size]
+                for i in range(self.n_batches)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, skip = self.epoch, self.consumed
+        while True:
+            yield from self.epoch_batches(epoch)[skip:]
+            epoch, skip = epoch + 1, 0
+
+    def advance(self) -> None:
+        """One more batch used: step the position (into the next epoch after the last)."""
+        self.consumed += 1
+        if self.consumed == self.n_batches:
+            self.epoch, self.consumed = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed, "world": self.world}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        world = int(state.get("world", self.world))
+        if world != self.world:
+            raise ValueError(f"batches: the checkpoint was written by {world} ranks, this run has "
+                             f"{self.world}; resume with the same number of processes")
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
