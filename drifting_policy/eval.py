@@ -1,6 +1,7 @@
 """`drifting-policy eval --checkpoint DIR --n-test 50 --out DIR`: roll out a checkpoint.
 
-Builds the policy and the task's env runner from the checkpoint's own config.yaml, runs the test
+Builds the policy (pretrained_model/, through the registry) and the task's env runner (the
+checkpoint's train_config.yaml, read as data), runs the test
 seeds (100000 + i), and writes OUT/eval.json (mean_score, per-seed results, timing) plus mp4
 videos of the first episodes under OUT/videos.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from drifting_policy.checkpoint import load_policy
+from drifting_policy.checkpoint import load_policy, load_train_config
 from drifting_policy.rollout.runner import EnvRunner
 
 
@@ -26,12 +27,13 @@ def evaluate(checkpoint: Path, out: Path, n_test: int | None = None, n_envs: int
     `policy` replaces the checkpoint's weights when given (e.g. the same weights with another
     sampler); the task and runner still come from the checkpoint's config.
     """
-    loaded, cfg = load_policy(checkpoint, ema=ema, device=device)
+    cfg = load_train_config(checkpoint)
+    loaded, policy_config = load_policy(checkpoint, ema=ema, device=device)
     policy = policy if policy is not None else loaded
     runner = EnvRunner.from_task(cfg.task, n_test=n_test, n_envs=n_envs, n_videos=n_videos)
     t0 = time.perf_counter()
     result = runner.run(policy, video_dir=out / "videos", progress=progress)
-    result.update(checkpoint=str(checkpoint), policy=cfg.policy._target_, task=cfg.task.name,
+    result.update(checkpoint=str(checkpoint), policy=policy_config.type, task=cfg.task.name,
                   ema=ema, eval_seconds=time.perf_counter() - t0)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=1))

@@ -23,12 +23,14 @@ import torch
 import torch.distributed as dist
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from drifting_policy import checkpoint as ckpt
 from drifting_policy.config import compose
+from drifting_policy.data.dataset import load_dataset
+from drifting_policy.persist import rng_state, set_rng_state
+from drifting_policy.policy import config_from_dict, make_policy
 from drifting_policy.rollout.runner import EnvRunner
 
 
@@ -90,9 +92,11 @@ class TrainWorkspace:
         torch.manual_seed(cfg.seed + self.rank)
 
         t = cfg.training
-        self.dataset = instantiate(cfg.task.dataset, _convert_="all")
+        self.dataset = load_dataset(OmegaConf.to_container(cfg.task.dataset, resolve=True))
         self.val_dataset = self.dataset.get_validation_dataset()
-        self.policy = ckpt.build_policy(cfg).to(self.device)
+        # hydra's composed policy section -> the typed config, once; the registry builds it
+        self.policy_config = config_from_dict(OmegaConf.to_container(cfg.policy, resolve=True))
+        self.policy = make_policy(self.policy_config).to(self.device)
         self.policy.set_normalizer(self.dataset.get_normalizer(**cfg.task.get("normalizer", {})))
         self.ema_policy = copy.deepcopy(self.policy).eval() if t.use_ema else None
         # diffusers' EMA counts steps from 1; update_after_step=1 reproduces DP's schedule
@@ -125,16 +129,16 @@ class TrainWorkspace:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "ema_step": self.ema.optimization_step if self.ema else 0,
-            "rng": ckpt.rng_state(), "topk": self.topk, "wandb_id": self.wandb_id,
+            "rng": rng_state(), "topk": self.topk, "wandb_id": self.wandb_id,
         }
 
     def _load(self, path: Path) -> None:
         s = ckpt.load_train_state(path)
-        ckpt.load_weights(self.policy, path / ckpt.MODEL)
+        ckpt.load_raw_weights(self.policy, path)
         self.optimizer.load_state_dict(s["optimizer"])
         self.lr_scheduler.load_state_dict(s["lr_scheduler"])
         if self.ema is not None:
-            ckpt.load_weights(self.ema_policy, path / ckpt.EMA)
+            ckpt.load_ema_weights(self.ema_policy, path)
             self.ema = EMAModel(self.ema_policy.parameters(), decay=self.ema.decay, min_decay=0.0,
                                 update_after_step=1, use_ema_warmup=True,
                                 inv_gamma=self.ema.inv_gamma, power=self.ema.power)
@@ -142,7 +146,7 @@ class TrainWorkspace:
         self.batches.load_state_dict(s["batches"])
         self.step, self.train_seconds = int(s["step"]), float(s["train_seconds"])
         self.topk, self.wandb_id = list(s["topk"]), s["wandb_id"]
-        ckpt.set_rng_state(s["rng"])
+        set_rng_state(s["rng"])
 
     def save(self, name: str, meta: dict | None = None) -> Path | None:
         if self.rank != 0:

@@ -56,6 +56,9 @@ def _cfg(run_dir: Path, data: Path, policy: str = "drifting", **extra):
     return compose("train_policy", overrides + [f"{k}={v}" for k, v in extra.items()])
 
 
+RAW, DEPLOYABLE = ckpt.RAW, f"{ckpt.PRETRAINED}/model.safetensors"
+
+
 def _weights(path: Path, name: str) -> dict[str, torch.Tensor]:
     return load_file(str(path / "checkpoints" / "latest" / name))
 
@@ -73,7 +76,7 @@ def test_train_interrupt_resume_is_exact_then_eval(tmp_path, pusht_zarr):
     assert resumed.step == 2
     resumed.run()
     assert resumed.step == full.step == 6
-    for name in (ckpt.MODEL, ckpt.EMA):
+    for name in (RAW, DEPLOYABLE):
         a, b = _weights(tmp_path / "full", name), _weights(tmp_path / "part", name)
         assert a.keys() == b.keys()
         for k in a:
@@ -102,7 +105,13 @@ def test_diffusion_baseline_trains_and_checkpoints(tmp_path, pusht_zarr):
                              **{"training.rollout_every": 0, "training.num_steps": 2}))
     ws.run()
     policy, cfg = ckpt.load_policy(tmp_path / "checkpoints/latest")
-    assert cfg.policy._target_.endswith("DiffusionPolicy")
+    assert cfg.type == "diffusion" and type(policy).__name__ == "DiffusionPolicy"
+    # the deployable part is a plain save_pretrained directory
+    from drifting_policy import load_policy
+
+    again, _ = load_policy(tmp_path / "checkpoints/latest/pretrained_model")
+    assert all(torch.equal(a, b) for a, b in zip(policy.state_dict().values(),
+                                                  again.state_dict().values()))
     obs = {"obs": torch.rand(1, 2, 20) * 512}
     assert policy.predict_action(obs)["action"].shape == (1, 8, 2)
 
@@ -118,7 +127,7 @@ def test_final_weights_are_saved_before_a_failing_final_rollout(tmp_path, pusht_
     with pytest.raises(RuntimeError, match="simulator crashed"):
         ws.run()  # step 5 is not a checkpoint step (every 2): only the final save has it
     assert ckpt.load_train_state(tmp_path / "checkpoints/latest")["step"] == 5
-    saved = _weights(tmp_path, ckpt.MODEL)
+    saved = _weights(tmp_path, RAW)
     state = ws.policy.state_dict()
     assert saved.keys() <= state.keys() and all(torch.equal(saved[k], state[k]) for k in saved)
 
@@ -126,7 +135,7 @@ def test_final_weights_are_saved_before_a_failing_final_rollout(tmp_path, pusht_
 def test_checkpoint_write_is_atomic_and_loading_validates(tmp_path, pusht_zarr, monkeypatch):
     ws = TrainWorkspace(_cfg(tmp_path, pusht_zarr))
     latest = ws.save("latest")
-    before = load_file(str(latest / ckpt.MODEL))
+    before = load_file(str(latest / RAW))
 
     # a crash in the middle of writing leaves the previous checkpoint untouched
     def boom(*a, **k):
@@ -138,7 +147,7 @@ def test_checkpoint_write_is_atomic_and_loading_validates(tmp_path, pusht_zarr, 
     with pytest.raises(RuntimeError, match="disk full"):
         ws.save("latest")
     monkeypatch.undo()
-    after = load_file(str(latest / ckpt.MODEL))
+    after = load_file(str(latest / RAW))
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not [p for p in latest.parent.iterdir() if p.name.startswith(".")]
 
@@ -146,11 +155,14 @@ def test_checkpoint_write_is_atomic_and_loading_validates(tmp_path, pusht_zarr, 
     state = torch.load(latest / ckpt.STATE, weights_only=True)
     assert state["step"] == 0
     # a corrupt weights file and a missing file give clear errors
-    (latest / ckpt.MODEL).write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors"):
+    (latest / RAW).write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="raw_model.safetensors: not a readable safetensors"):
         ckpt.load_policy(latest, ema=False)
-    (latest / ckpt.CONFIG).unlink()
-    with pytest.raises(FileNotFoundError, match="missing config.yaml"):
+    (latest / DEPLOYABLE).unlink()
+    with pytest.raises(ValueError, match="missing model.safetensors"):
+        ckpt.load_policy(latest)
+    (latest / ckpt.PRETRAINED / "config.json").unlink()
+    with pytest.raises(ValueError, match="missing config.json"):
         ckpt.load_policy(latest)
 
 

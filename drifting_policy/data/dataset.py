@@ -111,6 +111,19 @@ RULES = {
 }
 
 
+def _robomimic_rules(schema: Mapping[str, Any], rgb: Mapping[str, str], abs_action: bool,
+                     obs_as_dict: bool | None) -> dict[str, str]:
+    """Diffusion Policy's robomimic normalisation: delta actions identity, absolute actions
+    ``abs_pose``; the concatenated low-dim ``obs`` ``max_abs``; in dict mode keys ending in
+    ``quat`` identity (the others: the default mode)."""
+    rules = {"action": "abs_pose" if abs_action else "identity"}
+    if not rgb and list(schema) == ["obs"] and obs_as_dict in (None, False):
+        rules["obs"] = "max_abs"
+    else:
+        rules.update({name: "identity" for name in schema if name.endswith("quat")})
+    return rules
+
+
 def parse_obs_keys(obs_keys: Mapping[str, Sequence[Any]]) -> dict[str, list[Source]]:
     """Normalise the schema to ``{name: [(buffer_key, (start, stop) or None), ...]}``.
 
@@ -257,13 +270,92 @@ class SequenceDataset(torch.utils.data.Dataset):
         buffer = load_replay(path, lowdim, list(rgb.values()), abs_action=abs_action,
                              filter_key=filter_key, expect=expect, use_cache=use_cache,
                              cache_dir=cache_dir)
-        rules = {"action": "abs_pose" if abs_action else "identity"}
-        if not rgb and list(schema) == ["obs"] and kwargs.get("obs_as_dict") in (None, False):
-            rules["obs"] = "max_abs"
-        else:
-            rules.update({name: "identity" for name in schema if name.endswith("quat")})
+        rules = _robomimic_rules(schema, rgb, abs_action, kwargs.get("obs_as_dict"))
         rules.update(normalizer_rules or {})
         return cls(buffer, obs_keys=obs_keys, normalizer_rules=rules, **kwargs)
+
+    @classmethod
+    def from_lerobot(
+        cls,
+        path: str | os.PathLike,
+        obs_keys: Mapping[str, Sequence[Any]],
+        rgb_keys: Mapping[str, str] | None = None,
+        expect: Mapping[str, Sequence[int] | None] | None = None,
+        first_k: Mapping[str, int] | None = None,
+        lerobot: Mapping[str, Any] | None = None,
+        abs_action: bool | None = None,
+        filter_key: str | None = None,
+        use_cache: bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        normalizer_rules: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> SequenceDataset:
+        """A LeRobotDataset v3 directory, read by
+        :func:`drifting_policy.data.lerobot_dataset.load_replay` (videos decoded once into the
+        image cache; use_cache, cache_dir: see there). Windows, padding and normalisation are
+        those of the same episodes in the task's own format.
+
+        Which LeRobot feature feeds which observation:
+        - ``lerobot`` (the task config's mapping, for datasets with LeRobot's own names):
+          ``{obs_keys: {name: [feature, {key: feature, cols: [a, b]}, ...]}, rgb_keys: {name:
+          feature}, expect: {feature: shape}, first_k: {feature: k}}`` replaces the four
+          arguments of the same names (``action`` is the feature ``action``);
+        - otherwise the task's own schema, each buffer key K read from the feature K,
+          ``observation.K`` or ``observation.images.K`` (what ``drifting-policy convert`` and
+          ``demos --format lerobot`` write for a task without its own layout); features stored
+          flattened are reshaped to the ``expect`` shape of their key.
+        abs_action (robomimic tasks): the action dimension the config expects, and robomimic's
+        normalisation rules (see :meth:`from_robomimic`). filter_key must be None (LeRobot
+        datasets have no robomimic masks).
+        """
+        from drifting_policy.data import lerobot_dataset as lr
+
+        if filter_key is not None:
+            raise ValueError(f"dataset.filter_key: {filter_key!r} selects robomimic HDF5 masks; "
+                             f"a LeRobot dataset ({path}) has none, use null")
+        rgb_keys = dict(rgb_keys or {})
+        rename: dict[str, str] = {}
+        if lerobot is not None:
+            unknown = sorted(set(lerobot) - {"obs_keys", "rgb_keys", "expect", "first_k"})
+            if unknown or "obs_keys" not in lerobot:
+                raise ValueError("dataset.lerobot: expected obs_keys and optionally rgb_keys, "
+                                 f"expect, first_k; got {sorted(lerobot)}")
+            obs_keys, rgb_keys = lerobot["obs_keys"], dict(lerobot.get("rgb_keys") or {})
+            expect, first_k = lerobot.get("expect"), lerobot.get("first_k")
+        else:
+            names = lr.read_info(path)["features"]
+            keys = {key for srcs in parse_obs_keys(obs_keys).values() for key, _ in srcs}
+            keys |= set(rgb_keys.values()) | {"action"}
+            for key in sorted(keys):
+                rename[key] = lr.feature_name(key, names)
+                if rename[key] is None:
+                    raise ValueError(
+                        f"{path}: no LeRobot feature for '{key}' (tried '{key}', "
+                        f"'observation.{key}', 'observation.images.{key}'); features: "
+                        f"{sorted(names)}. Map LeRobot's names in task.dataset.lerobot")
+        schema = parse_obs_keys(obs_keys)
+        keys = {key for srcs in schema.values() for key, _ in srcs}
+        keys = sorted(keys | set(rgb_keys.values()) | {"action"})
+        buffer = lr.load_replay(path, [rename.get(k, k) for k in keys], use_cache=use_cache,
+                                cache_dir=cache_dir,
+                                expect=None if rename else expect)
+        arrays = {}
+        for key in keys:
+            value = buffer[rename.get(key, key)]
+            shape = (expect or {}).get(key)
+            if rename and shape is not None:
+                if int(np.prod(value.shape[1:])) != int(np.prod(shape)):
+                    raise ValueError(f"{path}: feature '{rename[key]}' (for '{key}'): expected "
+                                     f"per-step shape {tuple(shape)}, got {value.shape[1:]}")
+                value = value.reshape(len(value), *shape)
+            arrays[key] = value
+        buffer = ReplayBuffer(arrays, buffer.episode_ends)
+        rules = {}
+        if abs_action is not None:
+            rules = _robomimic_rules(schema, rgb_keys, abs_action, kwargs.get("obs_as_dict"))
+        rules.update(normalizer_rules or {})
+        return cls(buffer, obs_keys=obs_keys, rgb_keys=rgb_keys, first_k=first_k,
+                   normalizer_rules=rules, **kwargs)
 
     def _make_sampler(self, episode_mask: np.ndarray) -> SequenceSampler:
         return SequenceSampler(
@@ -338,3 +430,37 @@ class SequenceDataset(torch.utils.data.Dataset):
         obs = {name: torch.from_numpy(v) for name, v in self._to_obs(sample).items()}
         action = torch.from_numpy(sample[self.action_key].astype(np.float32))
         return {"obs": obs if self.obs_as_dict else next(iter(obs.values())), "action": action}
+
+
+DATASET_FORMATS = ("zarr", "robomimic", "lerobot")
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """The on-disk format of a dataset path: "robomimic" (an HDF5 file), "lerobot" (a
+    directory with meta/info.json) or "zarr" (a replay buffer directory or zip store)."""
+    p = os.fspath(path)
+    if os.path.isfile(os.path.join(p, "meta", "info.json")):
+        return "lerobot"
+    if os.path.isfile(p) and p.endswith((".hdf5", ".h5")):
+        return "robomimic"
+    if os.path.exists(p):
+        return "zarr"
+    raise FileNotFoundError(f"dataset.path: no such file or directory: {p}")
+
+
+def load_dataset(config: Mapping[str, Any]) -> SequenceDataset:
+    """The training dataset a task config's ``dataset:`` section describes (plain data:
+    ``format`` — auto | zarr | robomimic — and the arguments of the matching constructor)."""
+    kwargs = dict(config)
+    fmt = kwargs.pop("format", "auto")
+    lerobot = kwargs.pop("lerobot", None)  # LeRobot feature names, used for LeRobot datasets
+    if "path" not in kwargs:
+        raise ValueError("dataset.path: required, got no path")
+    if fmt == "auto":
+        fmt = detect_format(kwargs["path"])
+    if fmt not in DATASET_FORMATS:
+        raise ValueError(f"dataset.format: expected auto or one of {DATASET_FORMATS}, got {fmt!r}")
+    if fmt == "lerobot":
+        return SequenceDataset.from_lerobot(**kwargs, lerobot=lerobot)
+    build = SequenceDataset.from_robomimic if fmt == "robomimic" else SequenceDataset.from_zarr
+    return build(**kwargs)

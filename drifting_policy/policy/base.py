@@ -14,86 +14,74 @@ Both go through the same ObsEncoder (a low_dim key passes straight through).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+import drifting_policy.policy.pretrained as pretrained
 from drifting_policy.nn.normalizer import LinearNormalizer
 from drifting_policy.nn.obs_encoder import ObsEncoder
 from drifting_policy.nn.unet1d import ConditionalUnet1D
+from drifting_policy.policy.configs import PolicyConfig
+
+SELECTIONS = ("medoid",)
+
+
+def medoid(chunks: torch.Tensor) -> torch.Tensor:
+    """chunks [B, K, T, Da] -> [B, T, Da]: per row, the candidate whose summed L2 distance to
+    the other candidates (flattened chunks) is least; ties go to the lowest index."""
+    b, k, t, da = chunks.shape
+    flat = chunks.reshape(b, k, t * da)
+    cost = (flat[:, :, None] - flat[:, None]).square().sum(-1).sqrt().sum(-1)  # [B, K]
+    index = cost.argmin(-1)[:, None, None, None].expand(b, 1, t, da)  # gather: ONNX-exportable
+    return chunks.gather(1, index).squeeze(1)
 
 
 class ChunkPolicy(nn.Module):
-    """Base of the action-chunk policies: normaliser, observation encoder and a ConditionalUnet1D.
+    """Base of the action-chunk policies: normaliser, observation encoder and a ConditionalUnet1D,
+    all sized by a typed config (`drifting_policy.policy.configs`).
 
-    Args:
-        shape_meta: {"obs": {key: {"shape": [...], "type": "rgb" | "low_dim"}}, "action":
-            {"shape": [Da]}}.
-        horizon: T, length of the predicted chunk (divisible by 2 ** (len(down_dims) - 1)).
-        n_obs_steps: To, observation frames used as conditioning.
-        n_action_steps: Ta, actions executed per chunk (starting at index To - 1).
-        down_dims, diffusion_step_embed_dim, kernel_size, n_groups, cond_predict_scale: UNet.
-        crop_shape, num_kp, feature_dim, share_rgb_model: image encoder (ignored without rgb).
+    Subclasses set `config_class` and implement `sample` (noise -> chunk) and `loss`.
     """
 
-    def __init__(
-        self,
-        shape_meta: Mapping,
-        horizon: int,
-        n_obs_steps: int,
-        n_action_steps: int,
-        down_dims: tuple[int, ...] = (256, 512, 1024),
-        diffusion_step_embed_dim: int = 256,
-        kernel_size: int = 5,
-        n_groups: int = 8,
-        cond_predict_scale: bool = True,
-        crop_shape: tuple[int, int] | None = None,
-        num_kp: int = 32,
-        feature_dim: int = 64,
-        share_rgb_model: bool = False,
-    ) -> None:
+    config_class: ClassVar[type[PolicyConfig]] = PolicyConfig
+
+    def __init__(self, config: PolicyConfig) -> None:
         super().__init__()
-        if not 1 <= n_obs_steps <= horizon:
-            raise ValueError(f"n_obs_steps: expected 1..horizon={horizon}, got {n_obs_steps}")
-        if not 1 <= n_action_steps <= horizon - n_obs_steps + 1:
-            raise ValueError(
-                f"n_action_steps: expected 1..horizon - n_obs_steps + 1 = "
-                f"{horizon - n_obs_steps + 1}, got {n_action_steps}"
-            )
-        self.shape_meta = {
-            "obs": {k: {"shape": list(v["shape"]), "type": v.get("type", "low_dim")}
-                    for k, v in shape_meta["obs"].items()},
-            "action": {"shape": list(shape_meta["action"]["shape"])},
-        }
-        self.action_dim = int(self.shape_meta["action"]["shape"][0])
-        self.horizon, self.n_obs_steps, self.n_action_steps = horizon, n_obs_steps, n_action_steps
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__}: expected a {self.config_class.__name__}, "
+                            f"got {type(config).__name__}")
+        self.config = config
+        self.shape_meta = config.shape_meta
+        self.action_dim = config.action_dim
+        self.horizon, self.n_obs_steps = config.horizon, config.n_obs_steps
+        self.n_action_steps = config.n_action_steps
         self.normalizer = LinearNormalizer()
         self.obs_encoder = ObsEncoder(
-            self.shape_meta, crop_shape=tuple(crop_shape) if crop_shape else None, num_kp=num_kp,
-            feature_dim=feature_dim, share_rgb_model=share_rgb_model,
+            self.shape_meta, crop_shape=config.crop_shape, num_kp=config.num_kp,
+            feature_dim=config.feature_dim, share_rgb_model=config.share_rgb_model,
         )
         self.model = ConditionalUnet1D(
-            self.action_dim, self.obs_encoder.output_dim * n_obs_steps,
-            diffusion_step_embed_dim=diffusion_step_embed_dim, down_dims=tuple(down_dims),
-            kernel_size=kernel_size, n_groups=n_groups, cond_predict_scale=cond_predict_scale,
+            self.action_dim, self.obs_encoder.output_dim * config.n_obs_steps,
+            diffusion_step_embed_dim=config.diffusion_step_embed_dim,
+            down_dims=config.down_dims, kernel_size=config.kernel_size,
+            n_groups=config.n_groups, cond_predict_scale=config.cond_predict_scale,
         )
-        if horizon % self.model.horizon_multiple:
-            raise ValueError(
-                f"horizon: {horizon} must be divisible by {self.model.horizon_multiple} "
-                f"for down_dims {tuple(down_dims)}"
-            )
 
     # ------------------------------------------------------------------ DP API
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        """Where the networks live (the normaliser follows them in `set_normalizer`)."""
+        return next(self.model.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        return next(self.model.parameters()).dtype
 
     def set_normalizer(self, normalizer: LinearNormalizer) -> None:
-        """Copy a fitted normaliser (keys: each obs key and "action") into the policy."""
+        """Copy a fitted normaliser (keys: each obs key and "action") onto the policy's device."""
         needed = [*self.shape_meta["obs"], "action"]
         missing = [k for k in needed if k not in normalizer]
         if missing:
@@ -104,20 +92,50 @@ class ChunkPolicy(nn.Module):
     def reset(self) -> None:
         """Stateless between calls; kept for API compatibility with stateful policies."""
 
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write `directory`/config.json ({"type": ..., fields}) + model.safetensors, atomically."""
+        return pretrained.save(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> ChunkPolicy:
+        """Rebuild from a `save_pretrained` directory (data only: config.json + safetensors)."""
+        config = pretrained.read_config(directory)
+        if not isinstance(config, cls.config_class):
+            raise pretrained.CheckpointError(
+                f"{Path(directory) / pretrained.CONFIG}: 'type' is {config.type!r}, "
+                f"but {cls.__name__} loads {cls.config_class.type!r}")
+        policy = cls(config)
+        pretrained.load_weights(policy, Path(directory) / pretrained.WEIGHTS)
+        return policy
+
+    # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def predict_action(
-        self, obs_dict: Mapping[str, torch.Tensor], generator: torch.Generator | None = None
+        self, obs_dict: Mapping[str, torch.Tensor], generator: torch.Generator | None = None,
+        n_samples: int = 1, select: str = "medoid",
     ) -> dict[str, torch.Tensor]:
         """obs_dict {key: [B, >=To, *shape]} -> {"action": [B, Ta, Da], "action_pred": [B, T, Da]}.
 
-        `generator` seeds the initial noise (optional; defaults to torch's global RNG).
+        `generator` seeds the initial noise; it is drawn on the generator's device (a CPU
+        generator gives the same noise whatever the policy's device) and then moved.
+        `n_samples` = K > 1 draws K chunks per observation in one batched pass and returns, per
+        observation, the one `select` picks: "medoid" = the candidate with the least summed
+        distance (normalised space) to the other K - 1, so the executed chunk stays in one mode.
         """
+        if n_samples < 1:
+            raise ValueError(f"n_samples: expected >= 1, got {n_samples}")
+        if select not in SELECTIONS:
+            raise ValueError(f"select: expected one of {SELECTIONS}, got {select!r}")
         cond = self._encode(self._check_obs(obs_dict))
-        noise = torch.randn(
-            cond.shape[0], self.horizon, self.action_dim, device=cond.device, dtype=cond.dtype,
-            generator=generator,
-        )
-        naction = self.sample(noise, cond, generator=generator)
+        b = cond.shape[0]
+        shape = (b * n_samples, self.horizon, self.action_dim)
+        noise_device = generator.device if generator is not None else cond.device
+        noise = torch.randn(shape, device=noise_device, dtype=cond.dtype, generator=generator)
+        cond = cond.repeat_interleave(n_samples, dim=0) if n_samples > 1 else cond
+        naction = self.sample(noise.to(cond.device), cond, generator=generator)
+        if n_samples > 1:
+            naction = medoid(naction.reshape(b, n_samples, self.horizon, self.action_dim))
         action_pred = self.normalizer["action"].unnormalize(naction)
         start = self.n_obs_steps - 1
         return {"action": action_pred[:, start : start + self.n_action_steps],

@@ -6,53 +6,38 @@ inference by DDPM with all steps or DDIM with fewer (diffusers' DDIMScheduler, s
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from drifting_policy.policy.base import ChunkPolicy
+from drifting_policy.policy.configs import DiffusionConfig
 
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
 
 
 class DiffusionPolicy(ChunkPolicy):
-    """ChunkPolicy trained to predict the noise added to expert chunks.
+    """ChunkPolicy trained to predict the noise added to expert chunks (config: `DiffusionConfig`:
+    DDPM training as in Diffusion Policy; DDPM or DDIM sampling with num_inference_steps NFE)."""
 
-    Args (besides ChunkPolicy's):
-        num_train_timesteps, beta_schedule, clip_sample, prediction_type: DDPM training (DP's).
-        scheduler: "ddpm" or "ddim" at inference; num_inference_steps: its NFE (DP: 100 / 10-16).
-    """
+    config_class = DiffusionConfig
 
-    def __init__(
-        self,
-        *args,
-        num_train_timesteps: int = 100,
-        beta_schedule: str = "squaredcos_cap_v2",
-        clip_sample: bool = True,
-        prediction_type: str = "epsilon",
-        scheduler: str = "ddpm",
-        num_inference_steps: int = 100,
-        **kwargs,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        if prediction_type not in ("epsilon", "sample"):
-            raise ValueError(
-                f"prediction_type: expected epsilon or sample, got {prediction_type!r}"
-            )
-        kw = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
-                  clip_sample=clip_sample, prediction_type=prediction_type)
-        self.train_scheduler = DDPMScheduler(variance_type="fixed_small", **kw)
-        self.set_inference(scheduler, num_inference_steps)
+    def __init__(self, config: DiffusionConfig) -> None:
+        super().__init__(config)
+        self.train_scheduler = DDPMScheduler(
+            num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
+            clip_sample=config.clip_sample, prediction_type=config.prediction_type,
+            variance_type="fixed_small",
+        )
+        self.set_inference(config.scheduler, config.num_inference_steps)
 
     def set_inference(self, scheduler: str, num_inference_steps: int) -> None:
-        """Choose the sampler (same weights): "ddpm" or "ddim" with num_inference_steps NFE."""
-        n_train = self.train_scheduler.config.num_train_timesteps
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler: expected one of {sorted(SCHEDULERS)}, got {scheduler!r}")
-        if not 1 <= num_inference_steps <= n_train:
-            raise ValueError(
-                f"num_inference_steps: expected 1..{n_train}, got {num_inference_steps}"
-            )
+        """Choose the sampler (same weights): "ddpm" or "ddim" with num_inference_steps NFE;
+        the config follows, so a saved policy keeps the sampler."""
+        self.config = dataclasses.replace(self.config, scheduler=scheduler,
+                                          num_inference_steps=num_inference_steps)
         self.inference_scheduler = SCHEDULERS[scheduler].from_config(self.train_scheduler.config)
         self.num_inference_steps = num_inference_steps
 

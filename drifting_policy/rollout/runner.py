@@ -14,7 +14,6 @@ metrics.
 
 from __future__ import annotations
 
-import importlib
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,24 +25,45 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+# importing the task packages only registers their gymnasium ids; no simulator loads here
+import envs.blockpush  # noqa: F401
+import envs.kitchen  # noqa: F401
+import envs.pusht  # noqa: F401
+import envs.robomimic  # noqa: F401
 from drifting_policy.rollout.wrappers import FailureAsTermination, FrameRecorder, MultiStepWrapper
 
 
-def resolve(name: str) -> Callable:
-    """'package.module:attr' -> the attribute."""
-    module, _, attr = name.partition(":")
-    if not attr:
-        raise ValueError(f"expected 'package.module:attribute', got {name!r}")
-    return getattr(importlib.import_module(module), attr)
+def _kitchen_metrics(rewards, results):
+    from envs.kitchen.metrics import kitchen_metrics
+
+    return kitchen_metrics(rewards, results)
+
+
+def _blockpush_metrics(rewards, results):
+    from envs.blockpush.metrics import p1_p2
+
+    return p1_p2(rewards, results)
+
+
+def _robomimic_states(n: int, path: str) -> list:
+    from envs.robomimic.env import initial_states
+
+    return initial_states(n=n, path=path)
+
+
+# names a task config may use (runner.metric, runner.train_states.source): fixed in code, so a
+# config read from a checkpoint selects among these and never names a function to import
+METRICS: dict[str, Callable] = {"kitchen": _kitchen_metrics, "blockpush": _blockpush_metrics}
+TRAIN_STATE_SOURCES: dict[str, Callable] = {"robomimic": _robomimic_states}
 
 
 @dataclass
 class EnvSpec:
-    """What to build per env process: a gymnasium id (its package imported first) + kwargs."""
+    """What to build per env process: a gymnasium id (the project's ids are registered by
+    importing `envs`, which loads no simulator) + kwargs."""
 
     id: str
     kwargs: dict = field(default_factory=dict)
-    package: str | None = None  # module whose import registers the id (e.g. "envs.pusht")
     max_steps: int = 300
     render_every: int = 1
 
@@ -61,8 +81,6 @@ class ResetToState(gym.Wrapper):
 
 
 def _make_env(spec: EnvSpec, n_obs_steps: int, n_action_steps: int) -> gym.Env:
-    if spec.package:
-        importlib.import_module(spec.package)
     env = gym.make(spec.id, disable_env_checker=True, **spec.kwargs)
     env = FrameRecorder(FailureAsTermination(ResetToState(env)), every=spec.render_every)
     return MultiStepWrapper(env, n_obs_steps, n_action_steps, spec.max_steps)
@@ -77,12 +95,12 @@ class EnvRunner:
         n_test: number of test episodes; test_start_seed: seed of the first.
         n_envs: parallel envs (processes when > 1); defaults to min(n_test, cpu count).
         n_videos: record the first n_videos episodes as mp4 under `video_dir`.
-        metric_fn: 'module:function' or callable (rewards [N], final infos) -> extra metrics.
+        metric: a name in METRICS (or a callable): (rewards [N], final infos) -> extra metrics.
         fps: video frame rate.
         n_train: episodes started from `train_states` (0: none).
         train_states: the initial simulator states, a sequence of arrays or a mapping
-            {"fn": 'module:function', **kwargs} whose fn(n=n_train, **kwargs) returns them
-            (e.g. envs.robomimic.env:initial_states with the dataset path).
+            {"source": name in TRAIN_STATE_SOURCES, **kwargs} (e.g. {"source": "robomimic",
+            "path": the dataset} reads the first demos' initial states).
     """
 
     def __init__(
@@ -94,7 +112,7 @@ class EnvRunner:
         test_start_seed: int = 100_000,
         n_envs: int | None = None,
         n_videos: int = 0,
-        metric_fn: str | Callable | None = None,
+        metric: str | Callable | None = None,
         fps: int = 10,
         n_train: int = 0,
         train_states: Sequence | Mapping | None = None,
@@ -104,7 +122,7 @@ class EnvRunner:
         self.n_test, self.test_start_seed = n_test, test_start_seed
         self.n_envs = max(1, min(n_test, n_envs or os.cpu_count() or 1))
         self.n_videos, self.fps = n_videos, fps
-        self.metric_fn = resolve(metric_fn) if isinstance(metric_fn, str) else metric_fn
+        self.metric_fn = _choose(METRICS, metric, "runner.metric")
         self.train_states = _initial_states(train_states, n_train)
 
     @classmethod
@@ -222,22 +240,30 @@ def _pad(items: list, n: int) -> list:
 
 
 def _initial_states(source: Sequence | Mapping | None, n: int) -> list[np.ndarray]:
-    """The first n initial states from a sequence or a {"fn": 'module:function', **kwargs}."""
+    """The first n initial states from a sequence or a {"source": name, **kwargs}."""
     if n <= 0:
         return []
     if source is None:
         raise ValueError(f"n_train={n} needs train_states (a list of states or "
-                         "{'fn': 'module:function', ...}), got None")
+                         f"{{'source': one of {sorted(TRAIN_STATE_SOURCES)}, ...}}), got None")
     if isinstance(source, Mapping):
         kwargs = dict(source)
-        if "fn" not in kwargs:
-            raise ValueError(f"train_states: expected a mapping with key 'fn' "
-                             f"('module:function'), got keys {sorted(kwargs)}")
-        source = resolve(kwargs.pop("fn"))(n=n, **kwargs)
+        read = _choose(TRAIN_STATE_SOURCES, kwargs.pop("source", None),
+                       "runner.train_states.source")
+        source = read(n=n, **kwargs)
     states = [np.asarray(s) for s in source]
     if len(states) < n:
         raise ValueError(f"train_states: expected at least n_train={n} states, got {len(states)}")
     return states[:n]
+
+
+def _choose(table: Mapping[str, Callable], choice: str | Callable | None, key: str):
+    """A callable given directly, or the entry `choice` names in `table` (None: none)."""
+    if choice is None or callable(choice):
+        return choice
+    if choice not in table:
+        raise ValueError(f"{key}: expected one of {sorted(table)}, got {choice!r}")
+    return table[choice]
 
 
 def _to_container(cfg) -> dict:
