@@ -112,6 +112,7 @@ class TrainWorkspace:
         self.batches = EpochBatches(len(self.dataset), t.batch_size, cfg.seed, self.rank,
                                     self.world)
         self.step, self.train_seconds, self.topk = 0, 0.0, []
+        self.scores: list[list[float]] = []  # [step, test/mean_score] of every rollout
         self.wandb_id = None
         if cfg.resume and (self.run_dir / "checkpoints" / "latest").is_dir():
             self._load(self.run_dir / "checkpoints" / "latest")
@@ -129,7 +130,8 @@ class TrainWorkspace:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "ema_step": self.ema.optimization_step if self.ema else 0,
-            "rng": rng_state(), "topk": self.topk, "wandb_id": self.wandb_id,
+            "rng": rng_state(), "topk": self.topk, "scores": self.scores,
+            "wandb_id": self.wandb_id,
         }
 
     def _load(self, path: Path) -> None:
@@ -146,6 +148,7 @@ class TrainWorkspace:
         self.batches.load_state_dict(s["batches"])
         self.step, self.train_seconds = int(s["step"]), float(s["train_seconds"])
         self.topk, self.wandb_id = list(s["topk"]), s["wandb_id"]
+        self.scores = [list(r) for r in s.get("scores", [])]
         set_rng_state(s["rng"])
 
     def save(self, name: str, meta: dict | None = None) -> Path | None:
@@ -310,7 +313,19 @@ class TrainWorkspace:
         metrics = {(k if "/" in k else f"test/{k}"): v for k, v in result.items()
                    if isinstance(v, (int, float)) and k != "n_test"}
         self._keep_topk(result["mean_score"])
+        self.scores.append([self.step, float(result["mean_score"])])
+        metrics.update(self.score_summary())
         return metrics
+
+    def score_summary(self) -> dict:
+        """Diffusion Policy's protocol over this run's rollouts of the EMA policy: the max and
+        the mean of the last k test scores (k = training.score_last_k, fewer when fewer
+        rollouts exist; `test/k` says how many were averaged)."""
+        if not self.scores:
+            return {}
+        last = [score for _, score in self.scores[-self.cfg.training.score_last_k:]]
+        return {"test/max_score": max(score for _, score in self.scores),
+                "test/mean_last_k": sum(last) / len(last), "test/k": len(last)}
 
     def _finish(self, wandb_run, last_metrics: dict) -> None:
         t = self.cfg.training

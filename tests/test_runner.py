@@ -36,8 +36,9 @@ class CounterEnv(gym.Env):
 
 
 gym.register("Counter-v0", entry_point=CounterEnv)
-# vector-env workers start from a clean process and import this module to get the registration
-COUNTER = {"id": "Counter-v0", "package": "test_runner", "max_steps": 20}
+# vector-env workers start from a clean process: gymnasium's "module:id" imports this module
+# (and its registrations) there; task configs cannot do this (from_task refuses such ids)
+COUNTER = {"id": "test_runner:Counter-v0", "max_steps": 20}
 SIM_LOCK = threading.Lock()  # stands in for a lock inside a simulator's renderer (EGL)
 RENDER_THREAD_STOP: list[threading.Event] = []  # set when this process's render thread runs
 
@@ -119,7 +120,7 @@ def test_workers_do_not_inherit_locks_held_by_parent_threads():
     """A forked worker copies SIM_LOCK in its locked state, without the thread that would release
     it, and hangs in the env's __init__ (how robosuite image rollouts hung after training).
     The runner's workers start from a clean process instead."""
-    runner = EnvRunner(env={**COUNTER, "id": "LockedInitCounter-v0"}, n_obs_steps=2,
+    runner = EnvRunner(env={**COUNTER, "id": "test_runner:LockedInitCounter-v0"}, n_obs_steps=2,
                        n_action_steps=3, n_test=2, n_envs=2)
     try:
         result = runner.run(RecordingPolicy(), progress=False)
@@ -128,3 +129,37 @@ def test_workers_do_not_inherit_locks_held_by_parent_threads():
             stop.set()
     assert RENDER_THREAD_STOP, "the parent built an env (gymnasium's space probe)"
     assert result["mean_score"] == pytest.approx(1.0)
+
+
+@pytest.mark.timeout(120)
+def test_a_script_without_main_guard_is_not_rerun_by_the_workers(tmp_path):
+    """multiprocessing re-imports the caller's __main__ in workers by default: a plain script
+    that trains and then rolls out would retrain in every env worker. It must run once."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    log = tmp_path / "runs.log"
+    script = tmp_path / "train_then_eval.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        f"open({str(log)!r}, 'a').write('training\\n')  # stands for a training run\n"
+        "from drifting_policy.rollout.runner import EnvRunner\n"
+        "from test_runner import COUNTER, RecordingPolicy\n"
+        "runner = EnvRunner(env=COUNTER, n_obs_steps=2, n_action_steps=3, n_test=2, n_envs=2)\n"
+        "print(runner.run(RecordingPolicy(), progress=False)['mean_score'])\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=110, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "1.0"
+    assert log.read_text() == "training\n"
+
+
+def test_task_configs_cannot_name_modules_to_import():
+    task = {"env": {"id": "os:PushT-v0"}, "runner": {}, "n_obs_steps": 2, "n_action_steps": 8}
+    with pytest.raises(ValueError, match=r"task.env.id: expected a registered gymnasium id"):
+        EnvRunner.from_task(task)
+    with pytest.raises(ValueError, match=r"runner.metric: expected one of \['blockpush', "):
+        EnvRunner.from_task({**task, "env": {"id": "PushT-v0"}, "runner": {"metric": "os:system"}})

@@ -14,9 +14,13 @@ metrics.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import sys
 import time
+import types
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,7 +84,9 @@ class ResetToState(gym.Wrapper):
         return self.env.reset(**kwargs)
 
 
-def _make_env(spec: EnvSpec, n_obs_steps: int, n_action_steps: int) -> gym.Env:
+def make_env(spec: EnvSpec, n_obs_steps: int, n_action_steps: int) -> gym.Env:
+    """The env the runner steps (and the real-time loop's GymRobot drives): `spec`'s gymnasium
+    env with reset-to-state, failure-as-termination, frame recording and To/Ta multistep."""
     env = gym.make(spec.id, disable_env_checker=True, **spec.kwargs)
     env = FrameRecorder(FailureAsTermination(ResetToState(env)), every=spec.render_every)
     return MultiStepWrapper(env, n_obs_steps, n_action_steps, spec.max_steps)
@@ -130,12 +136,16 @@ class EnvRunner:
         """The runner a task config describes (task.env, task.runner, To/Ta); `overrides`
         replace task.runner entries that are not None."""
         container = task if isinstance(task, dict) else _to_container(task)
+        env_id = str(container["env"].get("id", ""))
+        if ":" in env_id:  # gymnasium would import the module named before the colon
+            raise ValueError(f"task.env.id: expected a registered gymnasium id, got {env_id!r} "
+                             "(a 'module:id' names code to import; task configs hold data only)")
         runner = {**container["runner"], **{k: v for k, v in overrides.items() if v is not None}}
         return cls(env=container["env"], n_obs_steps=container["n_obs_steps"],
                    n_action_steps=container["n_action_steps"], **runner)
 
     def _vector_env(self) -> gym.vector.VectorEnv:
-        fns = [lambda: _make_env(self.spec, self.n_obs_steps, self.n_action_steps)] * self.n_envs
+        fns = [lambda: make_env(self.spec, self.n_obs_steps, self.n_action_steps)] * self.n_envs
         kw = dict(autoreset_mode=gym.vector.AutoresetMode.DISABLED)
         if self.n_envs == 1:
             return gym.vector.SyncVectorEnv(fns, **kw)
@@ -143,12 +153,15 @@ class EnvRunner:
         # thread (wandb, tqdm, torch, the dynamic loader) held at that moment, and robosuite's
         # EGL context creation then hangs forever; forkserver children start from a clean
         # single-threaded process
-        return gym.vector.AsyncVectorEnv(fns, context="forkserver", **kw)
+        with _workers_skip_caller_main():
+            return gym.vector.AsyncVectorEnv(fns, context="forkserver", **kw)
 
     @torch.no_grad()
-    def run(self, policy, video_dir: str | Path | None = None, progress: bool = True) -> dict:
+    def run(self, policy, video_dir: str | Path | None = None, progress: bool = True,
+            n_samples: int = 1) -> dict:
         """Roll out; returns {"mean_score", extra metrics, "per_seed": [...], "videos": [...]}
-        and, with train states, {"train/mean_score", "per_train": [...]}."""
+        and, with train states, {"train/mean_score", "per_train": [...]}. `n_samples` = K > 1
+        executes the medoid of K sampled chunks (predict_action's test-time selection)."""
         seeds = [self.test_start_seed + i for i in range(self.n_test)]
         n_train = len(self.train_states)
         videos: list[str] = []
@@ -156,10 +169,11 @@ class EnvRunner:
         bar = tqdm(total=n_train + self.n_test, desc="rollout", disable=not progress,
                    leave=False)
         try:
-            train = self._run_all(venv, policy, [None] * n_train, self.train_states, bar)
+            train = self._run_all(venv, policy, [None] * n_train, self.train_states, bar,
+                                  n_samples=n_samples)
             venv.set_attr("reset_state", [None] * self.n_envs)
             results = self._run_all(venv, policy, seeds, [None] * self.n_test, bar,
-                                    video_dir, videos)
+                                    video_dir, videos, n_samples)
         finally:
             bar.close()
             venv.close()
@@ -176,7 +190,7 @@ class EnvRunner:
         return out
 
     def _run_all(self, venv, policy, seeds: list, states: list, bar, video_dir=None,
-                 videos: list | None = None) -> list[dict]:
+                 videos: list | None = None, n_samples: int = 1) -> list[dict]:
         """Episodes in batches of n_envs; episode i resets with seeds[i] and, unless None,
         options={"state": states[i]}; the first n_videos are recorded when video_dir is set."""
         results: list[dict] = []
@@ -188,7 +202,7 @@ class EnvRunner:
             if any(s is not None for s in states):
                 batch_states = states[start : start + self.n_envs]
                 venv.set_attr("reset_state", _pad(batch_states, self.n_envs))
-            batch_results = self._run_batch(venv, policy, batch)
+            batch_results = self._run_batch(venv, policy, batch, n_samples)
             if video_dir is not None and any(record):
                 frames = venv.call("take_frames")
                 for i, seed in enumerate(batch):
@@ -198,7 +212,8 @@ class EnvRunner:
             bar.update(len(batch))
         return results
 
-    def _run_batch(self, venv, policy, seeds: list[int | None]) -> list[dict]:
+    def _run_batch(self, venv, policy, seeds: list[int | None], n_samples: int = 1
+                   ) -> list[dict]:
         n = len(seeds)
         # envs beyond this batch's seeds re-run the last seed; their results are dropped
         obs, _ = venv.reset(seed=_pad(seeds, self.n_envs))
@@ -211,7 +226,8 @@ class EnvRunner:
         t0 = time.perf_counter()
         while not done.all():
             obs_dict = _to_policy_obs(obs, policy.device)
-            action = policy.predict_action(obs_dict)["action"].float().cpu().numpy()
+            action = policy.predict_action(obs_dict, n_samples=n_samples)["action"]
+            action = action.float().cpu().numpy()
             obs, reward, term, trunc, info = venv.step(action)
             for i in np.flatnonzero(~done):
                 score[i] = max(score[i], float(reward[i]))
@@ -255,6 +271,25 @@ def _initial_states(source: Sequence | Mapping | None, n: int) -> list[np.ndarra
     if len(states) < n:
         raise ValueError(f"train_states: expected at least n_train={n} states, got {len(states)}")
     return states[:n]
+
+
+@contextmanager
+def _workers_skip_caller_main():
+    """Start worker processes without re-running the caller's script.
+
+    multiprocessing (spawn and forkserver) re-imports the parent's `__main__` in every child, so
+    a script without an `if __name__ == "__main__":` guard that trains and then rolls out would
+    train again inside each env worker. The workers need only this module (their env factory
+    and spec are data), so while they start `__main__` is a bare module with no file to
+    re-import, and the forkserver preloads this module instead of `__main__`.
+    """
+    multiprocessing.get_context("forkserver").set_forkserver_preload([__name__])
+    caller = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = caller
 
 
 def _choose(table: Mapping[str, Callable], choice: str | Callable | None, key: str):
