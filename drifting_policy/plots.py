@@ -17,7 +17,8 @@ def read_logs(path: str | Path) -> list[dict]:
 
 
 def plot_training_curves(logs: str | Path, out: str | Path, title: str = "") -> Path:
-    """Loss, drift magnitudes lambda_R, validation action MSE and test score against step."""
+    """Loss, drift magnitudes lambda_R, validation action MSE and test score against step: one
+    panel per quantity the run logged (a panel without data is left out)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,21 +29,21 @@ def plot_training_curves(logs: str | Path, out: str | Path, title: str = "") -> 
               ("train/lambda/", "drift magnitude lambda_R", True),
               ("val/action_mse", "val action MSE (normalised)", True),
               ("test/mean_score", "test mean_score", False)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
-    for ax, (key, label, log) in zip(axes, panels):
-        keys = sorted({k for r in records for k in r if k.startswith(key)})
+    logged = [(sorted({k for r in records for k in r if k.startswith(key)}), label, log)
+              for key, label, log in panels]
+    logged = [panel for panel in logged if panel[0]]
+    fig, axes = plt.subplots(1, len(logged), figsize=(4.2 * len(logged), 3.4), squeeze=False)
+    for ax, (keys, label, log) in zip(axes[0], logged):
         for k in keys:
             pts = [(r["step"], r[k]) for r in records if k in r]
             ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, lw=1,
                     label=k.removeprefix("train/") if len(keys) > 1 else None)
-        if log and keys:
+        if log:
             ax.set_yscale("log")
         if len(keys) > 1:
             ax.legend(fontsize=7)
         ax.set_title(label)
         ax.set_xlabel("step")
-        if not keys:
-            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(title)
     fig.tight_layout()
     out = Path(out)

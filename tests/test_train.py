@@ -87,6 +87,9 @@ def test_train_interrupt_resume_is_exact_then_eval(tmp_path, pusht_zarr):
     assert any("val/action_mse" in r for r in logs)
     rollout = [r for r in logs if "test/mean_score" in r]
     assert len(rollout) == 1 and 0.0 <= rollout[0]["test/mean_score"] <= 1.0
+    # DP's protocol over one rollout: max = mean of the last k = that score, k = 1
+    assert rollout[0]["test/max_score"] == rollout[0]["test/mean_last_k"] == rollout[0][
+        "test/mean_score"] and rollout[0]["test/k"] == 1
     # the rollout's checkpoint joined the top-k
     topk = [p.name for p in (tmp_path / "full/checkpoints").iterdir() if "score" in p.name]
     assert len(topk) == 1 and topk[0].startswith("step_0000006")
