@@ -113,6 +113,7 @@ class TrainWorkspace:
                                     self.world)
         self.step, self.train_seconds, self.topk = 0, 0.0, []
         self.scores: list[list[float]] = []  # [step, test/mean_score] of every rollout
+        self.rollout_seconds = 0.0  # wall-clock spent in rollouts (not in train_seconds)
         self.wandb_id = None
         if cfg.resume and (self.run_dir / "checkpoints" / "latest").is_dir():
             self._load(self.run_dir / "checkpoints" / "latest")
@@ -131,6 +132,7 @@ class TrainWorkspace:
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "ema_step": self.ema.optimization_step if self.ema else 0,
             "rng": rng_state(), "topk": self.topk, "scores": self.scores,
+            "rollout_seconds": self.rollout_seconds,
             "wandb_id": self.wandb_id,
         }
 
@@ -149,6 +151,7 @@ class TrainWorkspace:
         self.step, self.train_seconds = int(s["step"]), float(s["train_seconds"])
         self.topk, self.wandb_id = list(s["topk"]), s["wandb_id"]
         self.scores = [list(r) for r in s.get("scores", [])]
+        self.rollout_seconds = float(s.get("rollout_seconds", 0.0))
         set_rng_state(s["rng"])
 
     def save(self, name: str, meta: dict | None = None) -> Path | None:
@@ -308,10 +311,13 @@ class TrainWorkspace:
         if self.rank != 0:
             return {}
         video_dir = self.run_dir / "media" / f"step_{self.step:07d}"
+        t0 = time.perf_counter()
         result = self.rollout(video_dir if self.cfg.training.rollout.n_videos else None)
+        self.rollout_seconds += time.perf_counter() - t0
         self.policy.train()
         metrics = {(k if "/" in k else f"test/{k}"): v for k, v in result.items()
                    if isinstance(v, (int, float)) and k != "n_test"}
+        metrics["rollout_seconds"] = self.rollout_seconds
         self._keep_topk(result["mean_score"])
         self.scores.append([self.step, float(result["mean_score"])])
         metrics.update(self.score_summary())
