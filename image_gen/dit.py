@@ -6,6 +6,13 @@ embedding, RMSNorm everywhere, 16 in-context class tokens, a "style" code (the s
 each looked up by a random integer in a 64-entry table) and the CFG scale alpha embedded like a
 diffusion timestep. The output layer is zero-initialised, so a fresh generator outputs exactly 0.
 
+Built on timm's layers where they compute the same function: `PatchEmbed` (a p x p stride-p
+convolution), `AttentionRope` (fused qkv with bias, per-head q/k `RmsNorm`, rotary embedding on
+the image tokens only, `F.scaled_dot_product_attention`), `SwiGLU`, `RmsNorm`, the axial rotary
+table of `RotaryEmbeddingCat` and the 2-D sin-cos table of `build_sincos2d_pos_embed`. What timm
+does not have is written here: adaLN-zero modulation, the in-context class tokens, the style and
+alpha embeddings and the final layer.
+
 One forward pass generates: x = f(noise, label, alpha, style).
 
 Shapes: noise and output [B, C, H, W] (H = W = input_size), labels [B] int64, alpha [B] float,
@@ -20,9 +27,17 @@ Both leave the parameter count unchanged.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
-import torch.nn.functional as F
+from timm.layers import (
+    AttentionRope,
+    PatchEmbed,
+    RmsNorm,
+    RotaryEmbeddingCat,
+    SwiGLU,
+    build_sincos2d_pos_embed,
+)
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -62,100 +77,32 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
-def _sincos_2d(dim: int, grid: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos position table [grid * grid, dim] (row-major tokens): half the channels
-    encode the column, half the row, each as [sin, cos] over dim / 4 frequencies."""
-    omega = 1.0 / _ROPE_BASE ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    coords = torch.arange(grid, dtype=torch.float64)
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
-
-    def encode(pos: torch.Tensor) -> torch.Tensor:
-        angles = pos.reshape(-1, 1) * omega
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    return torch.cat([encode(cols), encode(rows)], dim=1).float()
-
-
-def rope_2d(grid: int, head_dim: int, n_prefix: int, device: torch.device | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos / sin tables [n_prefix + grid * grid, head_dim] of the 2-D rotary embedding.
-
-    The first head_dim / 2 channels rotate with the token's row, the rest with its column, each
-    half as head_dim / 8 frequency pairs in rotate-half layout; the n_prefix leading (class) tokens
-    get the identity rotation (cos 1, sin 0).
-    """
-    quarter = head_dim // 4
-    exponents = torch.arange(quarter, device=device, dtype=torch.float32) / quarter
-    freqs = 1.0 / _ROPE_BASE**exponents
-    coords = torch.arange(grid, device=device, dtype=torch.float32)
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
-    ang_r = rows.reshape(-1, 1) * freqs  # [T, head_dim / 4]
-    ang_c = cols.reshape(-1, 1) * freqs
-    angles = torch.cat([ang_r, ang_r, ang_c, ang_c], dim=1)  # [T, head_dim]
-    prefix = angles.new_zeros(n_prefix, head_dim)
-    angles = torch.cat([prefix, angles], dim=0)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, N, heads, head_dim] by the tables [N, head_dim] of `rope_2d`; each axis half of
-    head_dim is rotated in rotate-half layout (its first quarter paired with its second)."""
-    b, n, h, d = x.shape
-    halves = x.reshape(b, n, h, 2, 2, d // 4)
-    rotated = torch.stack([-halves[..., 1, :], halves[..., 0, :]], dim=-2).reshape(b, n, h, d)
-    return x * cos[:, None].to(x.dtype) + rotated * sin[:, None].to(x.dtype)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with qk-RMSNorm and 2-D RoPE; x [B, N, D] -> [B, N, D]."""
-
-    def __init__(self, hidden: int, heads: int) -> None:
-        super().__init__()
-        self.heads, self.head_dim = heads, hidden // heads
-        self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=_NORM_EPS)
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=_NORM_EPS)
-        self.proj = nn.Linear(hidden, hidden)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).unbind(2)
-        q = apply_rope(self.q_norm(q), cos, sin)
-        k = apply_rope(self.k_norm(k), cos, sin)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, N, head_dim]
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
-
-
-class SwiGLU(nn.Module):
-    """silu(W1 x) * (W3 x) -> W2; x [B, N, D] -> [B, N, D]."""
-
-    def __init__(self, hidden: int, inner: int) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(hidden, inner)
-        self.w3 = nn.Linear(hidden, inner)
-        self.w2 = nn.Linear(inner, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+def rope_table(head_dim: int) -> RotaryEmbeddingCat:
+    """timm's axial 2-D rotary table for integer token coordinates: `get_embed([g, g])` gives
+    [g * g, 2 * head_dim] (sin | cos). Each of the head_dim / 4 frequencies 10000^(-k / (head_dim
+    / 4)) rotates a channel pair (c, c + head_dim / 2) ("half" layout) by the token's row
+    (c < head_dim / 4) or column angle."""
+    return RotaryEmbeddingCat(head_dim, temperature=_ROPE_BASE, in_pixels=False, rotate_half=True)
 
 
 class Block(nn.Module):
-    """adaLN-zero transformer block: x [B, N, D], condition c [B, D] -> [B, N, D]."""
+    """adaLN-zero transformer block: x [B, N, D], condition c [B, D], rotary table rope
+    [N - n_prefix, 2 * head_dim] -> [B, N, D]. The n_prefix leading (class) tokens are not
+    rotated."""
 
-    def __init__(self, hidden: int, heads: int, mlp_ratio: float) -> None:
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float, n_prefix: int) -> None:
         super().__init__()
-        self.norm1 = nn.RMSNorm(hidden, eps=_NORM_EPS)
-        self.attn = Attention(hidden, heads)
-        self.norm2 = nn.RMSNorm(hidden, eps=_NORM_EPS)
+        norm = partial(RmsNorm, eps=_NORM_EPS)
+        self.norm1 = norm(hidden)
+        self.attn = AttentionRope(hidden, heads, qkv_bias=True, num_prefix_tokens=n_prefix,
+                                  norm_layer=norm, qk_norm=True, rotate_half=True)
+        self.norm2 = norm(hidden)
         self.mlp = SwiGLU(hidden, _swiglu_hidden(hidden, mlp_ratio))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
 
-    def forward(
-        self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)
-        x = x + gate1[:, None] * self.attn(_modulate(self.norm1(x), shift1, scale1), cos, sin)
+        x = x + gate1[:, None] * self.attn(_modulate(self.norm1(x), shift1, scale1), rope=rope)
         return x + gate2[:, None] * self.mlp(_modulate(self.norm2(x), shift2, scale2))
 
 
@@ -164,7 +111,7 @@ class FinalLayer(nn.Module):
 
     def __init__(self, hidden: int, out_dim: int) -> None:
         super().__init__()
-        self.norm = nn.RMSNorm(hidden, eps=_NORM_EPS)
+        self.norm = RmsNorm(hidden, eps=_NORM_EPS)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
         self.linear = nn.Linear(hidden, out_dim)
 
@@ -185,7 +132,7 @@ class AlphaEmbedder(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(_ALPHA_FREQ_DIM, hidden), nn.SiLU(), nn.Linear(hidden, hidden)
         )
-        self.norm = nn.RMSNorm(hidden, eps=_NORM_EPS)
+        self.norm = RmsNorm(hidden, eps=_NORM_EPS)
 
     def forward(self, alpha: torch.Tensor) -> torch.Tensor:
         args = alpha.float()[:, None] * self.freqs
@@ -258,11 +205,13 @@ class DiT(nn.Module):
         )
         self.alpha_embed = AlphaEmbedder(hidden)
 
-        self.patch_embed = nn.Linear(patch_size * patch_size * in_channels, hidden)
+        self.patch_embed = PatchEmbed(input_size, patch_size, in_channels, hidden)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid * self.grid, hidden))
+        self.rope = rope_table(hidden // heads)
         self.class_proj = nn.Linear(hidden, hidden)
         self.class_tokens = nn.Parameter(torch.zeros(1, n_class_tokens, hidden))
-        self.blocks = nn.ModuleList(Block(hidden, heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(hidden, heads, mlp_ratio, n_class_tokens)
+                                    for _ in range(depth))
         self.final = FinalLayer(hidden, patch_size * patch_size * in_channels)
         self._init_weights()
 
@@ -278,18 +227,23 @@ class DiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
+        # the patch convolution is a linear map of the flattened patch: xavier over (C*p*p, D)
+        nn.init.xavier_uniform_(self.patch_embed.proj.weight.view(self.patch_embed.proj.out_channels,
+                                                                  -1))
+        nn.init.zeros_(self.patch_embed.proj.bias)
         for m in (self.class_embed, self.style_embed, *self.alpha_embed.mlp[::2]):
             nn.init.normal_(m.weight, std=_EMBED_STD)
         nn.init.normal_(self.class_tokens, std=_EMBED_STD)
         with torch.no_grad():
-            self.pos_embed.copy_(_sincos_2d(self.pos_embed.shape[-1], self.grid)[None])
+            self.pos_embed.copy_(build_sincos2d_pos_embed(
+                [self.grid, self.grid], self.pos_embed.shape[-1], _ROPE_BASE)[None])
         # adaLN-zero: every block starts as the identity and the output is exactly 0.
         for layer in [b.ada[1] for b in self.blocks] + [self.final.ada[1], self.final.linear]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
     def _check_inputs(self, noise: torch.Tensor, labels: torch.Tensor, alpha: torch.Tensor,
-                      style: torch.Tensor) -> None:
+                      style: torch.Tensor, values: bool) -> None:
         b, c, s = noise.shape[0], self.in_channels, self.input_size
         if noise.shape != (b, c, s, s):
             raise ValueError(f"noise: expected shape [B, {c}, {s}, {s}], got {tuple(noise.shape)}")
@@ -301,7 +255,7 @@ class DiT(nn.Module):
         if style.shape != (b, self.n_style_tokens) or style.dtype != torch.long:
             raise ValueError(f"style: expected int64 [{b}, {self.n_style_tokens}], got "
                              f"{style.dtype} {tuple(style.shape)}")
-        if labels.device.type == "meta" or b == 0 or torch.compiler.is_compiling():
+        if not values or labels.device.type == "meta" or b == 0 or torch.compiler.is_compiling():
             return
         # Value ranges: one host sync for all four extremes.
         lo, hi, s_lo, s_hi = torch.stack(
@@ -321,23 +275,24 @@ class DiT(nn.Module):
         return self.class_embed(labels) + style_sum + self.alpha_embed(alpha)
 
     def forward(self, noise: torch.Tensor, labels: torch.Tensor, alpha: torch.Tensor,
-                style: torch.Tensor) -> torch.Tensor:
-        """noise [B, C, H, W], labels [B], alpha [B], style [B, n_style] -> sample [B, C, H, W]."""
-        self._check_inputs(noise, labels, alpha, style)
+                style: torch.Tensor, validate: bool = True) -> torch.Tensor:
+        """noise [B, C, H, W], labels [B], alpha [B], style [B, n_style] -> sample [B, C, H, W].
+        Shapes are always checked; `validate` also checks the label and style ranges (one
+        device-to-host copy; the trainer passes False on its hot path)."""
+        self._check_inputs(noise, labels, alpha, style, validate)
         b, c, p, g = noise.shape[0], self.in_channels, self.patch_size, self.grid
         cond = self.condition(labels, alpha, style)
 
-        patches = noise.reshape(b, c, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(b, g * g, -1)
-        x = self.patch_embed(patches) + self.pos_embed
+        x = self.patch_embed(noise) + self.pos_embed  # [B, g*g, D], row-major tokens
         tokens = self.class_proj(cond)[:, None] + self.class_tokens  # [B, n_class_tokens, D]
         x = torch.cat([tokens, x], dim=1)
 
-        cos, sin = rope_2d(g, self.blocks[0].attn.head_dim, self.n_class_tokens, noise.device)
+        rope = self.rope.get_embed([g, g])  # [g*g, 2 * head_dim], float32
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cond, cos, sin, use_reentrant=False)
+                x = checkpoint(block, x, cond, rope, use_reentrant=False)
             else:
-                x = block(x, cond, cos, sin)
+                x = block(x, cond, rope)
         out = self.final(x[:, self.n_class_tokens :], cond)  # [B, g*g, p*p*C]
         return out.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, g * p, g * p)
 

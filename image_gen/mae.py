@@ -7,8 +7,14 @@ the input resolution, trained to reconstruct 2x2 patches that were zeroed with p
 (L2 on the masked region only), optionally fine-tuned with a linear classifier on the mean-pooled
 last stage.
 
-Shapes: x [B, C_in, H, W] with H, W multiples of 2^(len(stages) - 1) and of `patch`
-(latents: 32x32x4; the tests use 16x16x1). Every stage keeps at least a 1x1 map.
+The pixel variant (release `input_patch_size=8`, configs/mae/pixel_640) first rearranges each
+8 x 8 pixel cell into channels (space-to-depth: 256x256x3 -> 32x32x192) and runs the same network
+on that grid: masking zeroes 2 x 2 cells of the grid (16 x 16 pixels), the decoder predicts the
+192 channels and the loss is taken on the grid. `input_patch=1` is the latent MAE.
+
+Shapes: x [B, C_in, H, W] with H, W multiples of `min_multiple` = input_patch *
+lcm(2^(len(stages) - 1), patch) (latents: 32x32x4; pixels: 256x256x3 with input_patch 8; the tests
+use 16x16x1). Every stage keeps at least a 1x1 map.
 """
 
 from __future__ import annotations
@@ -59,6 +65,26 @@ class BasicBlock(nn.Module):
         return F.relu(y + (x if self.proj is None else self.proj(x)))
 
 
+def space_to_depth(x: torch.Tensor, p: int) -> torch.Tensor:
+    """x [B, C, H, W] -> [B, p * p * C, H / p, W / p]: each p x p cell becomes one location,
+    channel (i * p + j) * C + c holding pixel (i, j) of channel c (release `patch_input` order)."""
+    if p == 1:
+        return x
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 3, 5, 1, 2, 4)
+    return x.reshape(b, p * p * c, h // p, w // p)
+
+
+def depth_to_space(x: torch.Tensor, p: int) -> torch.Tensor:
+    """Inverse of `space_to_depth`: [B, p * p * C, h, w] -> [B, C, h * p, w * p]."""
+    if p == 1:
+        return x
+    b, pc, h, w = x.shape
+    c = pc // (p * p)
+    x = x.reshape(b, p, p, c, h, w).permute(0, 3, 4, 1, 5, 2)
+    return x.reshape(b, c, h * p, w * p)
+
+
 def _conv_gn_relu(c_in: int, c_out: int, groups: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False), _norm(c_out, groups),
                          nn.ReLU())
@@ -83,30 +109,35 @@ class ResNetMAE(nn.Module):
     """ResNet-GN masked autoencoder; its encoder activations are the drift loss's features.
 
     Args:
-        in_channels: C_in of the input (4 for SD-VAE latents).
+        in_channels: C_in of the input (4 for SD-VAE latents, 3 for pixels).
         width: C, the stem and first-stage width; stage i has width C * 2^i.
         stages: basic blocks per stage (release: (3, 4, 6, 3)).
         num_classes: > 0 adds a linear head on the mean-pooled last stage (`cls_loss`).
-        patch: side of the square patches that `mask` zeroes.
+        patch: side of the square patches that `mask` zeroes, in cells of the encoder's grid.
         groups: maximum GroupNorm group count (per width: see `gn_groups`).
+        input_patch: space-to-depth factor before the encoder (release `input_patch_size`: 8 for
+            the pixel MAE, 1 for latents); the network sees C_in * input_patch^2 channels.
     """
 
     def __init__(self, *, in_channels: int, width: int, stages: tuple[int, ...] = (3, 4, 6, 3),
-                 num_classes: int = 0, patch: int = 2, groups: int = 32) -> None:
+                 num_classes: int = 0, patch: int = 2, groups: int = 32,
+                 input_patch: int = 1) -> None:
         super().__init__()
         if not stages or min(stages) < 1:
             raise ValueError(f"stages: expected a non-empty tuple of block counts >= 1, got "
                              f"{tuple(stages)}")
         for key, val in (("in_channels", in_channels), ("width", width), ("patch", patch),
-                         ("groups", groups)):
+                         ("groups", groups), ("input_patch", input_patch)):
             if val < 1:
                 raise ValueError(f"{key}: expected >= 1, got {val}")
         if num_classes < 0:
             raise ValueError(f"num_classes: expected >= 0, got {num_classes}")
         self.in_channels, self.patch, self.stages = in_channels, patch, tuple(stages)
+        self.input_patch = input_patch
+        grid_channels = in_channels * input_patch**2
         widths = [width * 2**i for i in range(len(stages))]
 
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
+        self.stem = nn.Sequential(nn.Conv2d(grid_channels, width, 3, 1, 1, bias=False),
                                   _norm(width, groups), nn.ReLU())
         self.layers = nn.ModuleList()
         self.stage_norms = nn.ModuleList()
@@ -126,13 +157,19 @@ class ResNetMAE(nn.Module):
         for c_skip in widths[:-1][::-1] + [width]:
             self.ups.append(UpBlock(c_x, c_skip, c_skip, groups))
             c_x = c_skip
-        self.head = nn.Conv2d(c_x, in_channels, 1)
+        self.head = nn.Conv2d(c_x, grid_channels, 1)
         self.fc = nn.Linear(widths[-1], num_classes) if num_classes > 0 else None
 
     @property
     def min_multiple(self) -> int:
-        """H and W must be multiples of this (the stride-2 stages and the mask patch)."""
-        return math.lcm(2 ** (len(self.stages) - 1), self.patch)
+        """H and W must be multiples of this (space-to-depth, stride-2 stages, mask patch)."""
+        return self.input_patch * math.lcm(2 ** (len(self.stages) - 1), self.patch)
+
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the encoder sees: x [B, C, H, W] -> space_to_depth [B, C * q^2, H / q, W / q]
+        (q = input_patch; x itself for q = 1)."""
+        self._check(x)
+        return space_to_depth(x, self.input_patch)
 
     def activation_names(self) -> list[str]:
         """Names of the maps `activations` returns, in its order: "stem", then per stage i
@@ -151,8 +188,7 @@ class ResNetMAE(nn.Module):
     def _encode(self, x: torch.Tensor, keep_blocks: bool
                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(activations in `activation_names` order, [stem, stage outputs]) of x [B, C, H, W]."""
-        self._check(x)
-        h = self.stem(x)
+        h = self.stem(self.encoder_input(x))
         acts, skips = [h], [h]
         for blocks, norm in zip(self.layers, self.stage_norms):
             for j, block in enumerate(blocks, start=1):
@@ -165,24 +201,27 @@ class ResNetMAE(nn.Module):
         return acts, skips
 
     def activations(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Encoder feature maps of x [B, C, H, W]: the stem output [B, C, H, W], every 2nd block
-        output of each stage (blocks 2, 4, ...; before the stage norm) and each stage's
-        GroupNorm-ed output [B, C * 2^i, H / 2^i, W / 2^i]; names in `activation_names()`."""
+        """Encoder feature maps of x [B, C, H, W]: the stem output [B, width, H / q, W / q]
+        (q = input_patch), every 2nd block output of each stage (blocks 2, 4, ...; before the stage
+        norm) and each stage's GroupNorm-ed output [B, width * 2^i, H / (q 2^i), W / (q 2^i)];
+        names in `activation_names()`."""
         return self._encode(x, keep_blocks=True)[0]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Reconstruction [B, C, H, W] of (masked) x [B, C, H, W], and class logits [B, K] from
-        the mean-pooled last stage (None without a head). One encoder pass serves both."""
+        the mean-pooled last stage (None without a head). One encoder pass serves both; the
+        decoder predicts the space-to-depth grid, rearranged back to pixels."""
         skips = self._encode(x, keep_blocks=False)[1]
         h = self.bridge(skips[-1])
         for up, skip in zip(self.ups, skips[-2::-1]):
             h = up(h, skip)
         logits = None if self.fc is None else self.fc(skips[-1].mean(dim=(2, 3)))
-        return self.head(h), logits
+        return depth_to_space(self.head(h), self.input_patch), logits
 
     def mask(self, x: torch.Tensor, ratio: float = 0.5,
              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zero each patch x patch block independently with probability `ratio`.
+        """Zero each block of patch x patch grid cells (patch * input_patch pixels square)
+        independently with probability `ratio`.
 
         Returns x_masked [B, C, H, W] and mask [B, 1, H, W] (1 = masked).
         """
@@ -190,16 +229,24 @@ class ResNetMAE(nn.Module):
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"ratio: expected a value in [0, 1], got {ratio}")
         b, _, h, w = x.shape
-        p = self.patch
+        p = self.patch * self.input_patch
         u = torch.rand(b, 1, h // p, w // p, device=x.device, generator=generator)
         mask = (u < ratio).to(x.dtype).repeat_interleave(p, 2).repeat_interleave(p, 3)
         return x * (1 - mask), mask
 
     def mae_loss(self, x: torch.Tensor, ratio: float = 0.5,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """Masked-reconstruction loss (scalar) of x [B, C, H, W]: see `masked_l2`."""
+        """Masked-reconstruction loss (scalar) of x [B, C, H, W]: see `recon_loss`."""
         x_masked, mask = self.mask(x, ratio, generator)
-        return masked_l2(self(x_masked)[0], x, mask)
+        return self.recon_loss(self(x_masked)[0], x, mask)
+
+    def recon_loss(self, recon: torch.Tensor, x: torch.Tensor, mask: torch.Tensor
+                   ) -> torch.Tensor:
+        """`masked_l2` on the encoder's grid (release): recon, x [B, C, H, W] and mask
+        [B, 1, H, W] of `mask` are rearranged by space-to-depth first, so each masked cell counts
+        once with its C * input_patch^2 squared errors summed."""
+        q = self.input_patch
+        return masked_l2(space_to_depth(recon, q), space_to_depth(x, q), mask[:, :, ::q, ::q])
 
     def cls_loss(self, x: torch.Tensor, labels: torch.Tensor, *, ratio: float = 0.0,
                  generator: torch.Generator | None = None) -> torch.Tensor:

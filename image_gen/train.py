@@ -22,10 +22,10 @@ from drifting_policy import checkpoint as ckpt
 from image_gen.bank import ClassQueues
 from image_gen.data import DataStream, Digits, ImageFolderFlips, LatentCache
 from image_gen.dit import DiT
-from image_gen.features import feature_drift_loss
+from image_gen.features import build_drift_features, feature_drift_loss
 from image_gen.guidance import sample_alpha, unconditional_weights
 from image_gen.loop import LoopConfig, run_loop, setup_dist
-from image_gen.mae import ResNetMAE, masked_l2
+from image_gen.mae import ResNetMAE
 
 DATA_KINDS = ("latent", "pixel", "digits")
 
@@ -175,7 +175,8 @@ def train(cfg: DictConfig) -> Path:
         raise ValueError(f"model: expected samples {want} and {model.num_classes} classes to match "
                          f"the data, got {shape} and {num_classes} classes from data.kind="
                          f"{cfg.data.kind}")
-    encoder = load_encoder(cfg.encoder.get("path"), job.device)
+    encoder = build_drift_features(cfg.encoder, cfg.data.kind,
+                                   load_encoder(cfg.encoder.get("path"), job.device), job.device)
     seed = int(cfg.seed) * 1000 + job.rank
     stream = DataStream(dataset, s.push_per_step, int(cfg.seed), rank=job.rank, world=job.world,
                         num_workers=int(cfg.data.get("num_workers", 0)))
@@ -229,7 +230,7 @@ def train_mae(cfg: DictConfig) -> Path:
         mod = net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net
         x_masked, mask = mod.mask(x, ratio, g_dev)
         recon, logits = net(x_masked)
-        loss = masked_l2(recon, x, mask)
+        loss = mod.recon_loss(recon, x, mask)  # on the encoder's (space-to-depth) grid
         info = {"mae_loss": float(loss.detach())}
         if step >= loop.steps - cls_steps:
             ce = torch.nn.functional.cross_entropy(logits.float(), y)

@@ -49,10 +49,17 @@ def encode(vae, x: torch.Tensor, generator: torch.Generator | None = None) -> to
     return vae.encode(x).latent_dist.sample(generator=generator) * SCALE
 
 
+def decode_pixels(vae, z: torch.Tensor) -> torch.Tensor:
+    """Scaled latents [B, 4, h, w] -> pixels [B, 3, 8h, 8w] (about [-1, 1], not clamped), with
+    gradients to z: the pixel-space features of latent generators (release `postprocess_fn` with
+    `has_clip=False`)."""
+    return vae.decode(z / SCALE).sample
+
+
 @torch.no_grad()
 def decode(vae, z: torch.Tensor) -> torch.Tensor:
     """Scaled latents [B, 4, h, w] -> pixels [B, 3, 8h, 8w] clamped to [-1, 1]."""
-    return vae.decode(z / SCALE).sample.clamp(-1, 1)
+    return decode_pixels(vae, z).clamp(-1, 1)
 
 
 def shard_generator(seed: int, shard: int, device: str | torch.device = "cpu") -> torch.Generator:

@@ -3,8 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.layers import apply_rot_embed_cat
 
-from image_gen.dit import PRESETS, DiT, apply_rope, count_params, rope_2d
+from image_gen.dit import PRESETS, DiT, count_params, rope_table
 from image_gen.features import feature_drift_loss, feature_sets, freeze
 from image_gen.mae import ResNetMAE, gn_groups, masked_l2
 
@@ -126,17 +127,16 @@ def test_grad_checkpointing_gives_the_same_output_and_gradients():
 
 
 def test_rope_attention_logits_depend_only_on_offset():
-    """q_i . k_j after the 2-D RoPE is a function of (row_i - row_j, col_i - col_j) only."""
-    grid, hd, prefix = 5, 16, 2
-    cos, sin = rope_2d(grid, hd, prefix)
-    assert torch.equal(cos[:prefix], torch.ones(prefix, hd))  # class tokens are not rotated
-    assert torch.equal(sin[:prefix], torch.zeros(prefix, hd))
+    """q_i . k_j after the DiT's (timm) 2-D RoPE is a function of (row_i - row_j, col_i - col_j)
+    only, and depends on both axes."""
+    grid, hd = 5, 16
+    emb = rope_table(hd).get_embed([grid, grid])
+    assert emb.shape == (grid * grid, 2 * hd)
     g = torch.Generator().manual_seed(0)
-    n = prefix + grid * grid
-    q = torch.randn(1, 1, 1, hd, generator=g).expand(1, n, 1, hd)
-    k = torch.randn(1, 1, 1, hd, generator=g).expand(1, n, 1, hd)
-    rq, rk = apply_rope(q, cos, sin)[0, prefix:, 0], apply_rope(k, cos, sin)[0, prefix:, 0]
-    assert torch.allclose(rq.norm(dim=-1), q[0, prefix:, 0].norm(dim=-1), atol=1e-5)  # rotation
+    q = torch.randn(1, hd, generator=g).expand(grid * grid, hd)
+    k = torch.randn(1, hd, generator=g).expand(grid * grid, hd)
+    rq, rk = apply_rot_embed_cat(q, emb, half=True), apply_rot_embed_cat(k, emb, half=True)
+    assert torch.allclose(rq.norm(dim=-1), q.norm(dim=-1), atol=1e-5)  # a rotation
     logits = rq @ rk.T
     pos = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij"), -1)
     pos = pos.reshape(-1, 2)
@@ -149,6 +149,96 @@ def test_rope_attention_logits_depend_only_on_offset():
     means = torch.tensor([sum(v) / len(v) for v in by_offset.values()])
     assert means.std() > 0.1  # ... and it does depend on the offset, in both axes
     assert by_offset[(1, 0)] != by_offset[(0, 1)]
+
+
+# The pre-timm implementation, kept here only as the independent reference: linear patch embedding
+# of (row, col, channel)-flattened patches, per-axis rotate-half 2-D RoPE (row half, column half),
+# nn.RMSNorm, explicit qkv / SDPA / SwiGLU.
+
+
+def _old_rope(grid, hd, n_prefix):
+    q = hd // 4
+    freqs = 1.0 / 10000.0 ** (torch.arange(q, dtype=torch.float32) / q)
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float32),
+                                torch.arange(grid, dtype=torch.float32), indexing="ij")
+    ang_r, ang_c = rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs
+    angles = torch.cat([torch.zeros(n_prefix, hd), torch.cat([ang_r, ang_r, ang_c, ang_c], 1)])
+    return angles.cos(), angles.sin()
+
+
+def _old_apply_rope(x, cos, sin):  # x [B, N, heads, hd]
+    b, n, h, d = x.shape
+    halves = x.reshape(b, n, h, 2, 2, d // 4)
+    rotated = torch.stack([-halves[..., 1, :], halves[..., 0, :]], dim=-2).reshape(b, n, h, d)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def _rms(x, weight):
+    return F.rms_norm(x, (x.shape[-1],), weight, eps=1e-6)
+
+
+def _old_block(x, c, cos, sin, blk, perm, heads):
+    """The old block's math with the new block's weights (q / k channels in the old layout)."""
+    b, n, d = x.shape
+    hd = d // heads
+    shift1, scale1, gate1, shift2, scale2, gate2 = F.linear(F.silu(c), blk.ada[1].weight,
+                                                            blk.ada[1].bias).chunk(6, -1)
+    a = blk.attn
+    # rows of q and k per head in the old channel order; v unchanged
+    idx = torch.arange(3 * d).view(3, heads, hd)
+    idx[:2] = idx[:2][..., perm]
+    w_qkv, b_qkv = a.qkv.weight[idx.flatten()], a.qkv.bias[idx.flatten()]
+    h = _rms(x, blk.norm1.weight) * (1 + scale1[:, None]) + shift1[:, None]
+    q, k, v = F.linear(h, w_qkv, b_qkv).reshape(b, n, 3, heads, hd).unbind(2)
+    q = _old_apply_rope(_rms(q, a.q_norm.weight[perm]), cos, sin)
+    k = _old_apply_rope(_rms(k, a.k_norm.weight[perm]), cos, sin)
+    att = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+    x = x + gate1[:, None] * a.proj(att.transpose(1, 2).reshape(b, n, d))
+    h = _rms(x, blk.norm2.weight) * (1 + scale2[:, None]) + shift2[:, None]
+    m = blk.mlp
+    mlp = F.linear(F.silu(F.linear(h, m.fc1_g.weight, m.fc1_g.bias))
+                   * F.linear(h, m.fc1_x.weight, m.fc1_x.bias), m.fc2.weight, m.fc2.bias)
+    return x + gate2[:, None] * mlp
+
+
+def test_timm_blocks_equal_the_previous_implementation_for_copied_weights():
+    """DiT on timm layers = the previous hand-written DiT with the same weights: the patch
+    convolution equals a linear map of (row, col, channel)-flattened patches, and timm's
+    'half'-layout RoPE pairs channel c with c + hd/2 ([row, col, row, col] quarters) where the
+    old one paired c with c + hd/4 inside a row half and a column half ([row, row, col, col]):
+    the same rotation after swapping the middle quarters of every q / k head."""
+    torch.manual_seed(0)
+    model = DiT.from_preset("tiny", depth=2, n_class_tokens=3)
+    _randomise_zero_layers(model)
+    with torch.no_grad():  # non-trivial norm weights
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn(p.shape))
+    noise, style = model.sample_inputs(3, "cpu", torch.Generator().manual_seed(1))
+    labels, alpha = torch.tensor([0, 4, 9]), torch.tensor([1.0, 2.0, 3.5])
+    new = model(noise, labels, alpha, style)
+
+    heads, hd, p, g = model.heads, 128 // model.heads, model.patch_size, model.grid
+    q = hd // 4
+    perm = torch.cat([torch.arange(q), torch.arange(2 * q, 3 * q), torch.arange(q, 2 * q),
+                      torch.arange(3 * q, 4 * q)])
+    with torch.no_grad():
+        cond = model.condition(labels, alpha, style)
+        b, c = noise.shape[:2]
+        patches = noise.reshape(b, c, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(b, g * g, -1)
+        conv = model.patch_embed.proj
+        w_lin = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)  # (row, col, ch)
+        x = F.linear(patches, w_lin, conv.bias) + model.pos_embed
+        x = torch.cat([model.class_proj(cond)[:, None] + model.class_tokens, x], dim=1)
+        cos, sin = _old_rope(g, hd, model.n_class_tokens)
+        for blk in model.blocks:
+            x = _old_block(x, cond, cos, sin, blk, perm, heads)
+        out = model.final(x[:, model.n_class_tokens:], cond)
+        old = out.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, g * p, g * p)
+    assert new.abs().mean() > 1e-2
+    assert torch.allclose(new, old, atol=1e-5, rtol=1e-4)
+    # the timm layers in use, with the fused attention kernel
+    assert all(blk.attn.fused_attn and blk.attn.num_prefix_tokens == 3 for blk in model.blocks)
 
 
 @pytest.mark.parametrize("call, key", [
