@@ -2,7 +2,8 @@
 
     drifting-policy demo                       PushT end to end on a CPU (make demo)
     drifting-policy toy   ...                  2-D drifting demo
-    drifting-policy demos pusht --episodes N --out PATH.zarr
+    drifting-policy demos pusht --episodes N --out PATH.zarr   [--format lerobot]
+    drifting-policy convert SRC DST             zarr / robomimic HDF5 <-> LeRobot v3
     drifting-policy train task=pusht_lowdim policy=drifting [hydra overrides]
     drifting-policy eval  --checkpoint DIR --n-test 50 --out DIR
     drifting-policy bench latency --quick --out FILE.json
@@ -81,13 +82,17 @@ def _dispatch(argv: list[str]) -> int:
     realtime.add_arguments(sub.add_parser("run", help="drive the task's env in real time"))
     serve.add_arguments(sub.add_parser("serve", help="serve a policy over ZeroMQ"))
     export.add_arguments(sub.add_parser("export", help="export a drifting policy to ONNX"))
+    from drifting_policy.data import convert
+
+    convert.add_arguments(sub.add_parser(
+        "convert", help="zarr / robomimic HDF5 <-> LeRobotDataset v3 (see `convert --help`)"))
 
     args = parser.parse_args(argv)
     from drifting_policy.bench import main as bench_main
 
     handlers = {"toy": toy.main, "demo": demo.main, "eval": evaluation.main,
                 "run": realtime.main, "serve": serve.main, "export": export.main,
-                "bench": bench_main}
+                "bench": bench_main, "convert": convert.main}
     if args.command in handlers:
         return handlers[args.command](args)
     parser.error(f"unknown command {args.command!r}")

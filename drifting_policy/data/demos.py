@@ -1,11 +1,14 @@
 """`drifting-policy demos <task> --episodes N --out PATH`: scripted expert -> dataset file.
 
 Each task is one entry of `TASKS`: where its per-episode collector lives (imported lazily, in
-the worker processes), which writer produces its dataset format, and the task's own boolean
-flags (e.g. robomimic's --image / --abs), passed as keywords to both. Episodes run with seeds
-S, S+1, ... in parallel processes; only successful ones are kept, in seed order. The file is
-written to a hidden sibling directory and renamed into place at the end, so an interrupted
-run never leaves a half-written dataset, and an existing PATH is only replaced with --force.
+the worker processes), which writer produces its native dataset format, and the task's own
+boolean flags (e.g. robomimic's --image / --abs), passed as keywords to both. With
+`--format lerobot` the same episodes are written as a LeRobotDataset v3 directory instead
+(`drifting_policy.data.lerobot_dataset`: the task's feature layout, its control rate as fps).
+Episodes run with seeds S, S+1, ... in parallel processes; only successful ones are kept, in
+seed order. The file is written to a hidden sibling directory and renamed into place at the
+end, so an interrupted run never leaves a half-written dataset, and an existing PATH is only
+replaced with --force.
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ class DemoTask:
     write: Callable[..., int] | str
     help: str
     flags: dict[str, str] = field(default_factory=dict)
+    fps: int = 10
+    layout: str = "generic"  # LeRobot feature layout: "pusht" or "generic"
+    arrays: Callable[..., dict] | None = None  # episode -> {key: [L, ...]} for --format lerobot
 
     def writer(self) -> Callable[..., int]:
         return resolve(self.write) if isinstance(self.write, str) else self.write
@@ -60,10 +66,24 @@ _ROBOMIMIC_FLAGS = {
     "abs": "store absolute actions (10-d: position, rotation-6d, gripper) instead of deltas (7-d)",
 }
 
+
+def _robomimic_arrays(episode: dict, image: bool = False, abs: bool = False) -> dict:
+    """A robomimic episode as flat arrays: its observation keys plus ``action`` (7-d delta, or
+    with ``abs`` 10-d position, rotation-6d, gripper: what training reads)."""
+    from drifting_policy.data.rotation import abs_action_7_to_10
+
+    action = np.asarray(episode["actions"], dtype=np.float32)
+    if abs and action.shape[-1] == 7:
+        action = abs_action_7_to_10(action).astype(np.float32)
+    return {**{k: np.asarray(v) for k, v in episode["obs"].items()}, "action": action}
+
+
+_ROBOMIMIC = {"flags": _ROBOMIMIC_FLAGS, "fps": 20, "arrays": _robomimic_arrays}
+
 TASKS: dict[str, DemoTask] = {
     "pusht": DemoTask(
         collect="envs.pusht.expert:collect_episode",
-        write=write_zarr_replay,
+        write=write_zarr_replay, layout="pusht",
         help="PushT: zarr replay buffer with img, state, keypoint, action, n_contacts "
              "(the layout of Diffusion Policy's pusht_cchi_v7_replay.zarr)"),
     "blockpush": DemoTask(
@@ -73,19 +93,29 @@ TASKS: dict[str, DemoTask] = {
              "obs (16) and action (2); prints the oracle's p1/p2"),
     "kitchen": DemoTask(
         collect="envs.kitchen.expert:collect_episode",
-        write=write_zarr_replay,
+        write=write_zarr_replay, fps=12,  # 12.5 Hz; LeRobot stores an integer fps
         help="Franka Kitchen (4 sub-tasks in varied orders): zarr replay buffer with obs (60, "
              "D4RL layout) and action (9); prints the expert's p1..p4"),
     "lift": DemoTask(
         collect="envs.robomimic.expert:collect_lift", write=_ROBOMIMIC_WRITER,
-        help="robomimic Lift: robomimic HDF5 (data/demo_i/...)", flags=_ROBOMIMIC_FLAGS),
+        help="robomimic Lift: robomimic HDF5 (data/demo_i/...)", **_ROBOMIMIC),
     "can": DemoTask(
         collect="envs.robomimic.expert:collect_can", write=_ROBOMIMIC_WRITER,
-        help="robomimic PickPlaceCan: robomimic HDF5 (data/demo_i/...)", flags=_ROBOMIMIC_FLAGS),
+        help="robomimic PickPlaceCan: robomimic HDF5 (data/demo_i/...)", **_ROBOMIMIC),
     "tool_hang": DemoTask(
         collect="envs.robomimic.expert:collect_tool_hang", write=_ROBOMIMIC_WRITER,
-        help="robomimic ToolHang: robomimic HDF5 (data/demo_i/...)", flags=_ROBOMIMIC_FLAGS),
+        help="robomimic ToolHang: robomimic HDF5 (data/demo_i/...)", **_ROBOMIMIC),
 }
+
+
+def write_lerobot_demos(path: str | os.PathLike, episodes: Iterable[dict], task: DemoTask,
+                        name: str, **flags: bool) -> int:
+    """The task's episodes as a LeRobotDataset v3 directory (atomic, see write_lerobot)."""
+    from drifting_policy.data.lerobot_dataset import PUSHT_LAYOUT, write_lerobot
+
+    arrays = (task.arrays(ep, **flags) if task.arrays else ep for ep in episodes)
+    layout = PUSHT_LAYOUT if task.layout == "pusht" else None
+    return write_lerobot(path, arrays, fps=task.fps, layout=layout, task=name)
 
 
 def resolve(name: str) -> Callable:
@@ -126,6 +156,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--out", type=Path, required=True, help="dataset path to create")
         sub.add_argument("--seed", type=int, default=0, help="first episode seed (default 0)")
         sub.add_argument("--force", action="store_true", help="replace an existing --out")
+        sub.add_argument("--format", choices=("native", "lerobot"), default="native",
+                         help="native: the task's own format (default); lerobot: a "
+                              "LeRobotDataset v3 directory (videos for image observations)")
         sub.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                          help="parallel processes (default: all cores)")
         for flag, flag_help in task.flags.items():
@@ -168,7 +201,11 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_postfix(success=f"{counts['kept']}/{counts['run']}")
 
     try:  # the writer builds the file under a temporary name and moves it into place
-        task.writer()(out, successful(_episodes(task, seeds, workers, flags)), **flags)
+        episodes = successful(_episodes(task, seeds, workers, flags))
+        if args.format == "lerobot":
+            write_lerobot_demos(out, episodes, task, args.task, **flags)
+        else:
+            task.writer()(out, episodes, **flags)
     except ValueError:
         if counts["kept"] == 0:
             print(f"error: the expert succeeded in none of {counts['run']} episodes; "
