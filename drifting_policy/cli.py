@@ -11,6 +11,7 @@
     drifting-policy run   --checkpoint DIR --rate 10 --episodes 1 --out DIR   (real-time loop)
     drifting-policy serve --checkpoint DIR --bind tcp://127.0.0.1:5555        (ZeroMQ server)
     drifting-policy export --checkpoint DIR --format onnx --out FILE.onnx
+    drifting-policy convert-abs IN.hdf5 OUT.hdf5   robomimic delta -> absolute actions
 
 Add --debug to any command for the full traceback of an error.
 """
@@ -82,17 +83,21 @@ def _dispatch(argv: list[str]) -> int:
     realtime.add_arguments(sub.add_parser("run", help="drive the task's env in real time"))
     serve.add_arguments(sub.add_parser("serve", help="serve a policy over ZeroMQ"))
     export.add_arguments(sub.add_parser("export", help="export a drifting policy to ONNX"))
-    from drifting_policy.data import convert
+    from drifting_policy.data import convert, convert_abs
 
     convert.add_arguments(sub.add_parser(
         "convert", help="zarr / robomimic HDF5 <-> LeRobotDataset v3 (see `convert --help`)"))
+
+    convert_abs.add_arguments(sub.add_parser(
+        "convert-abs", help="robomimic HDF5: delta actions -> absolute (position, axis-angle, "
+                            "gripper), env_args set to absolute control"))
 
     args = parser.parse_args(argv)
     from drifting_policy.bench import main as bench_main
 
     handlers = {"toy": toy.main, "demo": demo.main, "eval": evaluation.main,
                 "run": realtime.main, "serve": serve.main, "export": export.main,
-                "bench": bench_main, "convert": convert.main}
+                "bench": bench_main, "convert-abs": convert_abs.main, "convert": convert.main}
     if args.command in handlers:
         return handlers[args.command](args)
     parser.error(f"unknown command {args.command!r}")

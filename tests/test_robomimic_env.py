@@ -248,7 +248,7 @@ class ReplayPolicy:
     def reset(self):
         self.t = 0
 
-    def predict_action(self, obs_dict):
+    def predict_action(self, obs_dict, n_samples=1):
         chunk = self.actions[self.t : self.t + self.n]
         self.t += self.n
         hold = np.zeros((self.n - len(chunk), 7))
@@ -263,7 +263,7 @@ def test_runner_rolls_out_train_states_apart_from_test_seeds(tmp_path, demo):
     write_hdf5(path, [demo])
     np.testing.assert_array_equal(initial_states(1, str(path))[0], demo["states"][0])
     runner = EnvRunner(
-        env={"id": "RobomimicLift-v0", "package": "envs.robomimic", "max_steps": 80},
+        env={"id": "RobomimicLift-v0", "max_steps": 80},
         n_obs_steps=2, n_action_steps=8, n_test=1, n_envs=1, n_train=1,
         train_states={"source": "robomimic", "path": str(path)})
     result = runner.run(ReplayPolicy(demo["actions"], 8), progress=False)

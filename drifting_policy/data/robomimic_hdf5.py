@@ -347,10 +347,10 @@ def _check_action_request(path: Path, env_meta: dict, shape: tuple, abs_action: 
     if abs_action and stored == "delta":
         raise ValueError(
             f"{path} stores delta actions (env_args controller config), but abs_action=True. "
-            "Converting them needs a replay of the states through the simulator (Diffusion "
-            "Policy's robomimic_abs_action converter), which this reader does not do: use a "
-            "file with absolute actions (`drifting-policy demos TASK --abs`, or Diffusion "
-            "Policy's *_abs.hdf5) or train on deltas (task.abs_action=false).")
+            "Converting them needs a replay of the states through the simulator, which this "
+            f"reader does not do: convert the file once (`drifting-policy convert-abs {path} "
+            "OUT.hdf5`), use a file with absolute actions (`drifting-policy demos TASK --abs`, "
+            "or Diffusion Policy's *_abs.hdf5) or train on deltas (task.abs_action=false).")
     if not abs_action and stored == "abs":
         raise ValueError(
             f"{path} stores absolute actions, but abs_action=False: pass task.abs_action=true "

@@ -33,6 +33,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
 from gymnasium import spaces  # noqa: E402
+from scipy.spatial.transform import Rotation  # noqa: E402
 
 from envs.robomimic import env_args as ea  # noqa: E402
 from envs.robomimic.rotation import abs_action_10_to_7  # noqa: E402
@@ -192,6 +193,25 @@ class RobomimicEnv(gym.Env):
         truncated = self.elapsed_steps >= self.max_episode_steps
         return (self._observation(self.raw_obs), float(success), terminated, truncated,
                 {"success": success})
+
+    def absolute_action(self, action: np.ndarray) -> np.ndarray:
+        """float64 [7]: the absolute action (world position, rotation vector, gripper) that
+        drives the arm like the delta `action` [7] would from the current state: the OSC goal
+        pose the delta sets (goal = current grip-site pose + scaled, clipped delta, world
+        frame), the gripper command unchanged. Diffusion Policy's robomimic_abs_action
+        conversion. Sets the arm controller's goal (the next step sets it again); the
+        simulator state and the gripper's rate-limited command are untouched."""
+        if self.abs_actions:
+            raise ValueError("absolute_action: this env already takes absolute actions; "
+                             "build it with abs_actions=False")
+        action = np.asarray(action, dtype=np.float64)
+        if action.shape != (7,):
+            raise ValueError(f"action: expected a delta action of shape (7,), got {action.shape}")
+        arm = self.sim_env.robots[0].composite_controller.part_controllers["right"]
+        arm.update(force=True)
+        arm.set_goal(action[:6])
+        rotvec = Rotation.from_matrix(arm.goal_ori).as_rotvec()
+        return np.concatenate([arm.goal_pos, rotvec, action[6:]])
 
     def success(self) -> bool:
         return bool(self.sim_env._check_success())

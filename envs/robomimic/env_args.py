@@ -115,6 +115,26 @@ def robosuite_kwargs(env_args: dict, *, image: bool | None = None,
     return env_name, kwargs
 
 
+def absolute_env_args(env_args: dict) -> dict:
+    """A copy of `env_args` whose arm takes absolute actions (world position, rotation vector,
+    gripper), in the file's own layout: a robosuite 1.2-1.4 flat OSC_POSE config gets
+    `control_delta: false` (as Diffusion Policy's *_abs.hdf5 files), a 1.5 composite config
+    `input_type: "absolute"`, `input_ref_frame: "world"` on its arm part."""
+    task_of(env_args.get("env_name"))
+    out = copy.deepcopy(dict(env_args))
+    kwargs = out.setdefault("env_kwargs", {})
+    config = kwargs.get("controller_configs")
+    if config is None or "body_parts" in config:
+        config = _translate_controller(config)
+        right = config["body_parts"]["right"]
+        right["input_type"], right["input_ref_frame"] = "absolute", "world"
+    else:
+        _translate_controller(config)  # refuses anything but OSC_POSE
+        config = {**config, "control_delta": False}
+    kwargs["controller_configs"] = config
+    return out
+
+
 def is_absolute(kwargs: dict) -> bool:
     """Whether translated robosuite kwargs drive the arm with absolute targets."""
     return kwargs["controller_configs"]["body_parts"]["right"]["input_type"] == "absolute"

@@ -74,9 +74,7 @@ class EpisodeRecorder:
     def __init__(self, env: RobomimicEnv, seed: int, abs_actions: bool) -> None:
         self.env, self.abs_actions = env, abs_actions
         env.reset(seed=seed)
-        robot = env.sim_env.robots[0]
-        self.controller = robot.composite_controller.part_controllers["right"]
-        self.site_id = robot.eef_site_id["right"]
+        self.site_id = env.sim_env.robots[0].eef_site_id["right"]
         self.keys = [k for k in RECORD_KEYS if k in env.raw_obs] + list(env.image_keys)
         self.obs: dict[str, list] = {k: [] for k in self.keys}
         self.actions, self.abs, self.rewards, self.states = [], [], [], []
@@ -103,10 +101,9 @@ class EpisodeRecorder:
         for k in self.keys:
             self.obs[k].append(self.env.raw_obs[k])
         self.states.append(self.env.get_state())
+        # the world-frame OSC target this action sets, as robosuite's absolute input
+        self.abs.append(self.env.absolute_action(action))
         _, reward, _, _, info = self.env.step(action)
-        # the world-frame OSC target this action set, as robosuite's absolute input
-        goal_rotvec = Rotation.from_matrix(self.controller.goal_ori).as_rotvec()
-        self.abs.append(np.concatenate([self.controller.goal_pos, goal_rotvec, action[6:]]))
         self.actions.append(action)
         self.rewards.append(reward)
         self.success = bool(info["success"])
