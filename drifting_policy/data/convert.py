@@ -3,7 +3,7 @@
 The direction follows SRC's format (detected like a task's ``dataset.path``):
 
 - zarr -> LeRobot: every episode and key. ``--layout auto`` (default) uses LeRobot's PushT names
-  for a PushT buffer (keys img, state, keypoint, action: ``observation.image``,
+  for a PushT buffer (keys state, keypoint, action and img: ``observation.image``,
   ``observation.state`` = agent xy, ``observation.environment_state`` = keypoints), and
   otherwise ``observation.<key>`` / ``observation.images.<key>`` / ``action``
   (:mod:`drifting_policy.data.lerobot_dataset`). ``--fps`` (default 10) is the control rate.
@@ -57,9 +57,10 @@ def _robomimic_buffer(src: Path) -> tuple[ReplayBuffer, dict]:
 
 
 def convert(src: str | Path, dst: str | Path, fps: int | None = None, layout: str = "auto",
-            task: str = "") -> tuple[str, int]:
+            task: str = "", drop: tuple[str, ...] = ()) -> tuple[str, int]:
     """Convert ``src`` to the other family of formats at ``dst`` (see the module docstring);
-    returns (what was written, number of episodes)."""
+    ``drop``: source keys to leave out (zarr / HDF5 -> LeRobot). Returns (what was written,
+    number of episodes)."""
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     if layout not in LAYOUTS:
         raise ValueError(f"--layout: expected one of {LAYOUTS}, got {layout!r}")
@@ -78,11 +79,19 @@ def convert(src: str | Path, dst: str | Path, fps: int | None = None, layout: st
     else:
         buffer = ReplayBuffer.load(src)
         fps = fps or 10
-    pusht = {"img", "state", "keypoint", "action"} <= set(buffer.keys())
+    unknown = sorted(set(drop) - set(buffer.keys()))
+    if unknown or "action" in drop:
+        raise ValueError(f"--drop: {unknown or ['action']} cannot be dropped; keys: "
+                         f"{buffer.keys()}")
+    buffer = ReplayBuffer({k: v for k, v in buffer.data.items() if k not in drop},
+                          buffer.episode_ends)
+    pusht = {"state", "keypoint", "action"} <= set(buffer.keys())
     if layout == "pusht" and not pusht:
-        raise ValueError(f"--layout pusht: {src} lacks PushT keys (img, state, keypoint, "
-                         f"action); keys: {buffer.keys()}")
-    chosen = lr.PUSHT_LAYOUT if layout == "pusht" or (layout == "auto" and pusht) else None
+        raise ValueError(f"--layout pusht: {src} lacks PushT keys (state, keypoint, action); "
+                         f"keys: {buffer.keys()}")
+    chosen = None
+    if layout == "pusht" or (layout == "auto" and pusht):  # the image only when kept
+        chosen = {k: v for k, v in lr.PUSHT_LAYOUT.items() if v[0] in buffer}
     n = lr.write_lerobot(dst, _episodes(buffer), fps=fps, layout=chosen, task=task,
                          metadata=metadata)
     return "lerobot", n
@@ -99,6 +108,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="LeRobot feature names: pusht (LeRobot's PushT names), generic "
                         "(observation.<key>), auto (pusht for a PushT buffer)")
     p.add_argument("--task", default="", help="task description stored in meta/tasks.parquet")
+    p.add_argument("--drop", nargs="+", default=(), metavar="KEY",
+                   help="source keys to leave out, e.g. --drop img for a low-dim LeRobot "
+                        "dataset (LeRobot decodes every video of a frame it loads)")
     p.add_argument("--force", action="store_true", help="replace an existing DST")
 
 
@@ -106,6 +118,7 @@ def main(args: argparse.Namespace) -> int:
     if args.dst.exists() and not args.force:
         print(f"error: {args.dst} already exists; pass --force to replace it", file=sys.stderr)
         return 2
-    kind, n = convert(args.src, args.dst, fps=args.fps, layout=args.layout, task=args.task)
+    kind, n = convert(args.src, args.dst, fps=args.fps, layout=args.layout, task=args.task,
+                      drop=tuple(args.drop))
     print(f"wrote {args.dst} ({kind}, {n} episodes)")
     return 0

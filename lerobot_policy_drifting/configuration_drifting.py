@@ -1,0 +1,147 @@
+"""``DriftingConfig``: LeRobot's config for the one-step Drifting Policy (type "drifting").
+
+Field names and defaults are this project's (``configs/policy/drifting_unet.yaml``,
+``configs/train_policy.yaml``, ``drifting_policy.policy.DriftingConfig``): Diffusion Policy's
+UNet and image encoder, T = 16, To = 2, Ta = 8, G = 8 generated chunks per observation, AdamW
+lr 1e-4 (betas 0.95 / 0.999, weight decay 1e-6) with 500 warmup steps and a cosine schedule.
+LeRobot's dataset features become the policy's ``shape_meta``: each ``observation.*`` state /
+environment-state feature a low_dim key, each camera an rgb key, ``action`` the action.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lerobot.configs.policies import PreTrainedConfig
+from lerobot.configs.types import FeatureType, NormalizationMode
+from lerobot.optim.optimizers import AdamWConfig
+from lerobot.optim.schedulers import DiffuserSchedulerConfig
+
+from drifting_policy.policy import DriftingConfig as CoreConfig
+
+
+def core_key(feature: str) -> str:
+    """A LeRobot feature name as a key of the project's networks (module names take no dots):
+    ``observation.images.top`` -> ``observation_images_top``."""
+    return feature.replace(".", "_")
+
+
+@PreTrainedConfig.register_subclass("drifting")
+@dataclass
+class DriftingConfig(PreTrainedConfig):
+    """The drifting policy in LeRobot.
+
+    Inputs: every ``observation.*`` feature of the dataset (state and environment state as low-dim
+    vectors, cameras as images [3, H, W] in [0, 1]); output ``action`` [Da]. Normalisation lives
+    in the processors (``processor_drifting``): MIN_MAX to [-1, 1] for states and actions, the
+    same map this project's "limits" normaliser fits; images pass through and the encoder maps
+    [0, 1] -> [-1, 1].
+
+    Windows: observation steps -To+1..0, action steps -To+1..-To+T, and the last
+    ``drop_n_last_frames`` = T - Ta - To + 1 frames of each episode never start a window, which
+    gives exactly the windows of this project's sampler (pad_before To - 1, pad_after Ta - 1).
+    Padded action steps (``action_is_pad``) are left out of the drift problems.
+    """
+
+    n_obs_steps: int = 2
+    horizon: int = 16
+    n_action_steps: int = 8
+    drop_n_last_frames: int = 7  # horizon - n_action_steps - n_obs_steps + 1
+
+    normalization_mapping: dict[str, NormalizationMode] = field(
+        default_factory=lambda: {
+            "VISUAL": NormalizationMode.IDENTITY,
+            "STATE": NormalizationMode.MIN_MAX,
+            "ENV": NormalizationMode.MIN_MAX,
+            "ACTION": NormalizationMode.MIN_MAX,
+        }
+    )
+
+    # ConditionalUnet1D (Diffusion Policy's sizes; this project's size=cpu: [32, 64, 128] / 32)
+    down_dims: tuple[int, ...] = (256, 512, 1024)
+    diffusion_step_embed_dim: int = 256
+    kernel_size: int = 5
+    n_groups: int = 8
+    cond_predict_scale: bool = True
+    # image encoder (ResNet-18 with GroupNorm, spatial softmax)
+    crop_shape: tuple[int, int] | None = None
+    num_kp: int = 32
+    feature_dim: int = 64
+    share_rgb_model: bool = False
+    # drift loss
+    gen_per_obs: int = 8
+    grouping: str = "per_timestep"
+    normalize: str = "per_group"
+    temperatures: tuple[float, ...] = (0.02, 0.05, 0.2)
+    affinity_floor: float = 1e-6
+
+    # training presets (this project's train_policy.yaml)
+    optimizer_lr: float = 1e-4
+    optimizer_betas: tuple[float, float] = (0.95, 0.999)
+    optimizer_eps: float = 1e-8
+    optimizer_weight_decay: float = 1e-6
+    scheduler_name: str = "cosine"
+    scheduler_warmup_steps: int = 500
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        expected = self.horizon - self.n_action_steps - self.n_obs_steps + 1
+        if self.drop_n_last_frames != expected:
+            raise ValueError(f"drop_n_last_frames: expected horizon - n_action_steps - "
+                             f"n_obs_steps + 1 = {expected} (this project's window rule), got "
+                             f"{self.drop_n_last_frames}")
+        self.core_config(validate_only=True)
+
+    def core_config(self, validate_only: bool = False) -> CoreConfig:
+        """The project's typed config for these features (validated there: one error naming the
+        field). ``validate_only``: check the policy fields before features are known."""
+        obs = {core_key(k): {"shape": list(f.shape), "type": "rgb" if f.type is FeatureType.VISUAL
+                             else "low_dim"} for k, f in self.input_features.items()}
+        action = self.output_features.get("action")
+        if validate_only and not (obs and action):
+            obs, shape = {"state": {"shape": [1], "type": "low_dim"}}, [1]
+        else:
+            shape = list(action.shape) if action else None
+        return CoreConfig(
+            shape_meta={"obs": obs, "action": {"shape": shape}}, horizon=self.horizon,
+            n_obs_steps=self.n_obs_steps, n_action_steps=self.n_action_steps,
+            down_dims=tuple(self.down_dims), diffusion_step_embed_dim=self.diffusion_step_embed_dim,
+            kernel_size=self.kernel_size, n_groups=self.n_groups,
+            cond_predict_scale=self.cond_predict_scale,
+            crop_shape=tuple(self.crop_shape) if self.crop_shape else None, num_kp=self.num_kp,
+            feature_dim=self.feature_dim, share_rgb_model=self.share_rgb_model,
+            gen_per_obs=self.gen_per_obs, grouping=self.grouping, normalize=self.normalize,
+            temperatures=tuple(self.temperatures), affinity_floor=self.affinity_floor,
+        )
+
+    def validate_features(self) -> None:
+        if not self.input_features:
+            raise ValueError("drifting: no observation.* input features in the dataset")
+        if "action" not in self.output_features:
+            raise ValueError(f"drifting: needs an 'action' output feature, got "
+                             f"{sorted(self.output_features)}")
+        for key, feature in self.input_features.items():
+            if feature.type is not FeatureType.VISUAL and len(feature.shape) != 1:
+                raise ValueError(f"drifting: input '{key}': expected a 1-D state, got shape "
+                                 f"{tuple(feature.shape)}")
+        self.core_config()
+
+    def get_optimizer_preset(self) -> AdamWConfig:
+        return AdamWConfig(lr=self.optimizer_lr, betas=self.optimizer_betas,
+                           eps=self.optimizer_eps, weight_decay=self.optimizer_weight_decay)
+
+    def get_scheduler_preset(self) -> DiffuserSchedulerConfig:
+        return DiffuserSchedulerConfig(name=self.scheduler_name,
+                                       num_warmup_steps=self.scheduler_warmup_steps)
+
+    @property
+    def observation_delta_indices(self) -> list[int]:
+        return list(range(1 - self.n_obs_steps, 1))
+
+    @property
+    def action_delta_indices(self) -> list[int]:
+        return list(range(1 - self.n_obs_steps, 1 - self.n_obs_steps + self.horizon))
+
+    @property
+    def reward_delta_indices(self) -> None:
+        return None
