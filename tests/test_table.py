@@ -1,0 +1,80 @@
+"""The benchmark table's scoring: DP's protocol over a run's rollouts, equal steps, time to a
+score, the verdict column, and one tiny end-to-end run (slow)."""
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import table  # noqa: E402
+
+CURVE = [{"step": 100 * i, "train_seconds": 60.0 * i, "rollout_seconds": 6.0 * i, "score": s}
+         for i, s in enumerate([0.1, 0.5, 0.4, 0.9, 0.7], start=1)]
+
+
+def test_protocol_is_max_and_mean_of_the_last_k_rollouts():
+    assert table.protocol(CURVE, k=2) == {"max": 0.9, "last_k": pytest.approx(0.8), "k": 2}
+    # fewer rollouts than k: all of them, and k says how many
+    assert table.protocol(CURVE, k=10) == {"max": 0.9, "last_k": pytest.approx(0.52), "k": 5}
+    # equal steps: only the rollouts up to that step count
+    assert table.protocol(CURVE, up_to_step=250, k=10) == {
+        "max": 0.5, "last_k": pytest.approx(0.3), "k": 2}
+    assert table.protocol(CURVE, up_to_step=50) is None
+
+
+def test_time_to_reach_counts_training_and_evaluation():
+    assert table.time_to_reach(CURVE, 0.5) == pytest.approx((120 + 12) / 60)
+    assert table.time_to_reach(CURVE, 0.95) is None
+
+
+def _row(policy, budget, mean, std):
+    stats = {"mean": mean, "std": std}
+    return {"task": "t", "policy": policy, "budget": budget, "score_max": stats,
+            "score_last_k": stats, "metric": "mean_score", "train_steps": 10, "nfe": 1,
+            "latency_ms": 1.0, "total_minutes_with_eval": 2.0, "time_to_target_minutes": None,
+            "target": 0.5}
+
+
+def test_verdict_and_generated_markdown(tmp_path, monkeypatch):
+    rows = [_row("drifting", "equal_time", 0.8, 0.02), _row("ddpm100", "equal_time", 0.6, 0.05),
+            _row("drifting", "equal_steps", 0.6, 0.1), _row("ddpm100", "equal_steps", 0.65, 0.1)]
+    assert table.verdict(rows, "t", "equal_time") == "above"
+    assert table.verdict(rows, "t", "equal_steps") == "within spread"
+    rows[0]["score_last_k"] = {"mean": 0.3, "std": 0.0}
+    assert table.verdict(rows, "t", "equal_time") == "below"
+    meta = {"seeds": 2, "n_test": 50, "machine": "x86_64", "command": "python table.py"}
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{table.README_BEGIN}\nold\n{table.README_END}\noutro\n")
+    monkeypatch.setattr(table, "RESULTS", tmp_path)
+    table.write_markdown({"rows": rows, "meta": meta}, readme)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
+    assert "| t | drifting | mean_score | 0.80 ± 0.02 / 0.30 ± 0.00 |" in text
+    assert "below / within spread |" in text
+    assert (tmp_path / "table_cpu.md").read_text() in text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_tiny_table_run_writes_the_contract_json(tmp_path, monkeypatch):
+    out = tmp_path / "table.json"
+    monkeypatch.setattr(sys, "argv", [
+        "table.py", "--tasks", "pusht_lowdim", "--minutes", "0.1", "--seeds", "1",
+        "--rollouts", "2", "--n-test", "2", "--n-envs", "1", "--work", str(tmp_path / "w"),
+        "--out", str(out), "--readme", str(tmp_path / "README.md"),
+        f"task.dataset.path={tmp_path / 'pusht.zarr'}", "task.env.max_steps=20",
+        "policy.down_dims=[16,32]", "policy.diffusion_step_embed_dim=16"])
+    monkeypatch.setitem(table.TASKS, "pusht_lowdim", dataclasses.replace(
+        table.TASKS["pusht_lowdim"], demos=("pusht", "--episodes", "4")))
+    assert table.main() == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["policy"], r["budget"]) for r in rows} == {
+        (p, b) for p in ("drifting", "ddpm100") for b in ("equal_time", "equal_steps")}
+    for r in rows:
+        assert {"seeds", "score_max", "score_last_k", "k", "metric", "train_minutes",
+                "train_steps", "nfe", "latency_ms"} <= set(r)
+        if r["budget"] == "equal_time":  # equal steps may have no rollout that early: None
+            assert 0 <= r["score_last_k"]["mean"] <= 1 and r["k"] >= 1
