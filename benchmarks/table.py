@@ -21,7 +21,7 @@ those of the equal-time runs; stated in the JSON). Each row also gives steps, sa
 batch-1 latency, the total wall-clock including the periodic rollouts, and the time to reach
 score S (evaluation included).
 
-Writes benchmarks/results/table_cpu.json and table_cpu.md, and replaces the README's table
+Writes benchmarks/results/table_cpu.json and .md beside it, and replaces the README's table
 between the `<!-- table_cpu:begin -->` / `<!-- table_cpu:end -->` markers.
 """
 
@@ -287,9 +287,10 @@ def markdown(table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(table: dict, readme: Path) -> None:
+def write_markdown(table: dict, md: Path, readme: Path) -> None:
+    """The table as markdown at `md`, and inside `readme` between the table markers."""
     text = markdown(table)
-    (RESULTS / "table_cpu.md").write_text(text)
+    md.write_text(text)
     if readme.is_file() and README_BEGIN in readme.read_text():
         before, rest = readme.read_text().split(README_BEGIN, 1)
         after = rest.split(README_END, 1)[1]
@@ -313,7 +314,7 @@ def main() -> int:
     p.add_argument("overrides", nargs="*", help="extra hydra overrides for every run")
     args = p.parse_args()
     if args.markdown_only:
-        write_markdown(json.loads(args.out.read_text()), args.readme)
+        write_markdown(json.loads(args.out.read_text()), args.out.with_suffix(".md"), args.readme)
         return 0
     tasks = args.tasks.split(",")
     unknown = sorted(set(tasks) - set(TASKS))
@@ -335,7 +336,7 @@ def main() -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(table, indent=1, default=str))
         print(markdown({"rows": rows, "meta": table["meta"]}), flush=True)
-    write_markdown(table, args.readme)
+    write_markdown(table, args.out.with_suffix(".md"), args.readme)
     return 0
 
 
