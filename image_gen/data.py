@@ -159,12 +159,16 @@ class StreamSampler(Sampler[int]):
 
 class DataStream:
     """Endless batches (x [N, C, H, W], labels Long[N]) whose position survives a restart:
-    `consumed` counts the samples handed out, and a stream rebuilt with it continues exactly."""
+    `consumed` counts the samples handed out, and a stream rebuilt with it continues exactly.
+    One DataLoader per (re)start: its workers persist, and `pin_memory` pins the batches so the
+    trainer's copies to the GPU are asynchronous."""
 
     def __init__(self, dataset: Dataset, batch: int, seed: int, consumed: int = 0,
-                 rank: int = 0, world: int = 1, num_workers: int = 0) -> None:
+                 rank: int = 0, world: int = 1, num_workers: int = 0,
+                 pin_memory: bool = False) -> None:
         self.dataset, self.batch, self.seed = dataset, batch, seed
         self.rank, self.world, self.num_workers = rank, world, num_workers
+        self.pin_memory = pin_memory
         self.restart(consumed)
 
     def restart(self, consumed: int) -> None:
@@ -172,7 +176,8 @@ class DataStream:
         self.consumed = consumed
         sampler = StreamSampler(len(self.dataset), self.seed, consumed, self.rank, self.world)
         loader = DataLoader(self.dataset, batch_size=self.batch, sampler=sampler,
-                            num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+                            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                            pin_memory=self.pin_memory)
         self._it = iter(loader)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:

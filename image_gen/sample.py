@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from tqdm import tqdm
 
-from drifting_policy import checkpoint as ckpt
+from image_gen import checkpoint as ckpt
 from image_gen.data import Digits
 from image_gen.train import build_generator
 
@@ -34,13 +34,19 @@ def load_generator(path: str | Path, ema: bool = True, device: str | torch.devic
 @torch.no_grad()
 def generate(model, labels: torch.Tensor, alpha: float, seed: int = 0,
              batch: int = 256) -> torch.Tensor:
-    """One forward pass per batch: labels Long[N] -> samples [N, C, H, W] float32 (CPU)."""
+    """One forward pass per batch: labels Long[N] -> samples [N, C, H, W] float32 (CPU).
+
+    Noise and style are drawn on the CPU from `seed` and then moved to the model's device, so a
+    seed gives the same inputs on every device; bf16 autocast on CUDA."""
     device = next(model.parameters()).device
-    g = torch.Generator(device=device).manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
     out = []
     for chunk in tqdm(labels.split(batch), desc="sample", disable=len(labels) <= batch):
+        noise, style = model.sample_inputs(len(chunk), "cpu", generator=g)
+        alpha_t = torch.full((len(chunk),), float(alpha))
+        inputs = [t.to(device, non_blocking=True) for t in (noise, chunk, alpha_t, style)]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out.append(model.generate(chunk.to(device), alpha, generator=g).float().cpu())
+            out.append(model(*inputs).float().cpu())
     return torch.cat(out)
 
 

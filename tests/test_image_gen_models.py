@@ -393,7 +393,7 @@ def test_feature_drift_loss_gradients_and_weights():
     neg = torch.randn(2, 3, 1, 16, 16, generator=g, requires_grad=True)
     total, info = feature_drift_loss(gen, pos, neg, enc, weight_neg=torch.full((2, 3), 0.7))
     names = list(feature_sets(gen.detach(), enc))
-    assert total.item() == pytest.approx(sum(info[k] for k in names), rel=1e-5)
+    assert total.item() == pytest.approx(sum(float(info[k]) for k in names), rel=1e-5)
     assert all(f"scale/{k}" in info and f"lambda/0.02/{k}" in info for k in names)
     total.backward()
     assert gen.grad is not None and gen.grad.abs().sum() > 0
@@ -411,10 +411,10 @@ def test_feature_drift_loss_gradients_and_weights():
         _, none_info = feature_drift_loss(gen, pos, None, enc)
     assert torch.allclose(zero, none, rtol=1e-4)  # float32 distances via matmul differ slightly
     # raw only: two features, each the same problem as inside the full feature set
-    losses = {k: v for k, v in raw_info.items() if not k.startswith(("scale/", "lambda/"))}
+    losses = {k: float(v) for k, v in raw_info.items() if not k.startswith(("scale/", "lambda/"))}
     assert set(losses) == {"raw/global", "raw/rms"}
     assert raw.item() == pytest.approx(sum(losses.values()), rel=1e-5)
-    assert losses["raw/rms"] == pytest.approx(none_info["raw/rms"], rel=1e-5)
+    assert losses["raw/rms"] == pytest.approx(float(none_info["raw/rms"]), rel=1e-5)
     with pytest.raises(ValueError, match="weight_neg"):
         feature_drift_loss(gen, pos, neg, enc, weight_neg=torch.ones(2, 4))
     with pytest.raises(ValueError, match="pos"):

@@ -15,8 +15,7 @@ from image_gen.cli import main as cli
 from image_gen.data import MANIFEST, Digits, ImageFolderFlips, LatentCache, adm_center_crop
 from image_gen.dit import DiT
 from image_gen.guidance import sample_alpha, unconditional_weights
-from image_gen.mae import ResNetMAE
-from image_gen.train import DriftSettings, guided_drift_loss, train, train_mae
+from image_gen.train import train, train_mae
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -71,6 +70,65 @@ def test_queue_state_round_trip():
         ClassQueues(4, (3,), per_class=5).load_state_dict(q.state_dict())
 
 
+def _fifo(q, c=None):
+    """Queue contents oldest -> newest, read from the ring buffer (class c, or the global one)."""
+    items, head, count = ((q.items[c], q.head[c], q.count[c]) if c is not None
+                          else (q.global_items, q.global_head, q.global_count))
+    cap, head, count = len(items), int(head), int(count)
+    slots = range(count) if count < cap else [(head + i) % cap for i in range(cap)]
+    return [items[i, 0].item() for i in slots]
+
+
+def test_vectorised_push_matches_a_deque_reference():
+    from collections import deque
+
+    k, per_class, global_size = 5, 4, 7
+    q = ClassQueues(k, (2,), per_class=per_class, global_size=global_size)
+    ref = [deque(maxlen=per_class) for _ in range(k)]
+    ref_global = deque(maxlen=global_size)
+    g = torch.Generator().manual_seed(0)
+    serial = 0
+    for n in [0, 1, 3, 12, 40, 2, 9, 25, 1, 16]:  # batches far larger than a queue, too
+        labels = torch.randint(0, 2 if n == 40 else k, (n,), generator=g)  # 40: 2 classes only
+        values = torch.arange(serial, serial + n, dtype=torch.float32)
+        serial += n
+        q.push(torch.stack([values, -values], 1), labels)
+        for v, c in zip(values.tolist(), labels.tolist()):
+            ref[c].append(v)
+            ref_global.append(v)
+        for c in range(k):
+            assert _fifo(q, c) == list(ref[c]), (n, c)
+            assert int(q.count[c]) == len(ref[c])
+        assert _fifo(q) == list(ref_global)
+    assert torch.equal(q.items[..., 1], -q.items[..., 0])  # whole samples moved together
+
+
+def test_samplers_draw_uniform_subsets_and_keep_the_storage_dtype():
+    q = ClassQueues(2, (1,), per_class=8, global_size=6, dtype=torch.bfloat16)
+    q.push(torch.arange(5.0)[:, None], torch.zeros(5, dtype=torch.long))  # class 0: 5 of 8 slots
+    q.push(torch.tensor([[7.0]]), torch.tensor([1]))
+    g = torch.Generator().manual_seed(0)
+    rows = 20000
+    sub = q.sample_positive(torch.zeros(rows, dtype=torch.long), 3, g)
+    assert sub.dtype == torch.bfloat16 and sub.shape == (rows, 3, 1)
+    sub = sub[..., 0].float()
+    assert (sub[:, 0] != sub[:, 1]).all() and (sub[:, 1] != sub[:, 2]).all() and (
+        sub[:, 0] != sub[:, 2]).all()  # a subset: no repeats within a row
+    for position in range(3):  # every filled slot equally likely at every position: 1/5
+        freq = torch.stack([(sub[:, position] == v).float().mean() for v in range(5)])
+        assert torch.allclose(freq, torch.full((5,), 0.2), atol=0.015)
+    repl = q.sample_positive(torch.zeros(rows, dtype=torch.long), 7, g)[..., 0].float()
+    freq = torch.stack([(repl == v).float().mean() for v in range(5)])  # 7 > 5: with replacement
+    assert torch.allclose(freq, torch.full((5,), 0.2), atol=0.01)
+    assert (q.sample_positive(torch.tensor([1, 1]), 3, g) == 7).all()
+    unc = q.sample_unconditional((rows // 10, 2, 4), g)  # 6 filled of 6: subsets of the 6
+    assert unc.shape == (rows // 10, 2, 4, 1) and unc.dtype == torch.bfloat16
+    flat = unc[..., 0].float().reshape(-1, 4)
+    assert all(len(set(r)) == 4 for r in flat.tolist())
+    freq = torch.stack([(flat == v).float().mean() for v in (1, 2, 3, 4, 7)])
+    assert torch.allclose(freq, torch.full((5,), 4 / 6 / 4), atol=0.01)
+
+
 # ---------------------------------------------------------------- guidance
 
 
@@ -98,63 +156,6 @@ def test_alpha_follows_power_law_and_no_cfg_fraction(power):
         assert abs(float((a <= t).double().mean()) - cdf) < 0.01
     b = sample_alpha(10000, 1.0, 4.0, power, 0.3, torch.Generator().manual_seed(1))
     assert abs(float((b == 1.0).float().mean()) - 0.3) < 0.02
-
-
-# ---------------------------------------------------------------- DDP parity
-
-
-def _parity_inputs():
-    torch.manual_seed(0)
-    model = DiT.from_preset("tiny", patch_size=4, hidden=32, depth=1, heads=2, n_class_tokens=1)
-    enc = ResNetMAE(in_channels=1, width=4, stages=(1, 1), groups=2).eval().requires_grad_(False)
-    p, g = 4, 3
-    noise, style = model.sample_inputs(p * g, "cpu", torch.Generator().manual_seed(1))
-    labels = torch.tensor([0, 3, 5, 9])
-    alpha = torch.tensor([1.0, 1.5, 2.0, 3.0])
-    pos = torch.randn(p, 5, 1, 16, 16) * torch.arange(1, p + 1).view(p, 1, 1, 1, 1)
-    unc = torch.randn(p, 2, 1, 16, 16)
-    return model, enc, noise, style, labels, alpha, pos, unc, g
-
-
-def _parity_loss(model, enc, noise, style, labels, alpha, pos, unc, g, rows, all_reduce):
-    """The trainer's loss on the labels `rows` (a slice of the 4)."""
-    n = labels[rows].numel()
-    sample_rows = slice(rows.start * g, rows.stop * g)
-    gen = model(noise[sample_rows], labels[rows].repeat_interleave(g),
-                alpha[rows].repeat_interleave(g), style[sample_rows]).view(n, g, 1, 16, 16)
-    s = DriftSettings(gen_per_label=g)
-    return guided_drift_loss(gen, pos[rows], unc[rows], alpha[rows], enc, s, all_reduce)[0]
-
-
-def _ddp_rank(rank, world, init_file, out_file):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
-    try:
-        model, *rest = _parity_inputs()
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        per = 4 // world
-        _parity_loss(ddp, *rest, rows=slice(rank * per, (rank + 1) * per),
-                     all_reduce=True).backward()  # DDP averages the gradients
-        if rank == 0:
-            torch.save([p.grad for p in model.parameters()], out_file)
-    finally:
-        dist.destroy_process_group()
-
-
-def test_two_gloo_ranks_give_the_single_process_gradients(tmp_path):
-    import torch.multiprocessing as mp
-
-    model, *rest = _parity_inputs()
-    _parity_loss(model, *rest, rows=slice(0, 4), all_reduce=False).backward()
-    full = [p.grad for p in model.parameters()]
-    mp.spawn(_ddp_rank, args=(2, str(tmp_path / "init"), str(tmp_path / "g.pt")), nprocs=2)
-    ddp = torch.load(tmp_path / "g.pt", weights_only=True)
-    assert any(g.abs().max() > 0 for g in full)
-    for a, b in zip(ddp, full):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------- ImageFolder + latent cache
@@ -272,10 +273,32 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     sa = torch.load(straight / "train_state.pt", weights_only=True)
     sb = torch.load(resumed / "train_state.pt", weights_only=True)
-    assert sa["step"] == sb["step"] == 4
-    qa, qb = sa["ranks"][0]["extra"]["queues"], sb["ranks"][0]["extra"]["queues"]
+    assert sa["step"] == sb["step"] == 4 and sa["world"] == 1
+    assert sa["lr_scheduler"] == sb["lr_scheduler"] and sa["ema_step"] == sb["ema_step"] == 4
+    ra, rb = (torch.load(p / "ranks" / "rank_00000.pt", weights_only=True)
+              for p in (straight, resumed))
+    qa, qb = ra["extra"]["queues"], rb["extra"]["queues"]
     assert all(torch.equal(qa[k], qb[k]) for k in qa)
-    assert sa["ranks"][0]["consumed"] == sb["ranks"][0]["consumed"] > 4 * 16
+    assert all(torch.equal(ra["generators"][k], rb["generators"][k]) for k in ("shared", "local"))
+    assert ra["consumed"] == rb["consumed"] > 4 * 16
+    assert sorted(p.name for p in resumed.iterdir()) == [
+        "config.yaml", "ema.safetensors", "meta.json", "model.safetensors", "ranks",
+        "train_state.pt"]
+    assert not any(p.name.startswith(".") for p in resumed.parent.iterdir())  # nothing staged
+
+
+def test_checkpoint_of_another_world_size_or_layout_is_refused(tmp_path):
+    cfg = _digits_cfg(tmp_path, "train.steps=2", "train.stop_after=1")
+    path = train(cfg)
+    state = torch.load(path / "train_state.pt", weights_only=True)
+    torch.save({**state, "world": 2}, path / "train_state.pt")
+    with pytest.raises(ValueError, match=r"written by 2 ranks, this job has 1; resume with the "
+                                         r"same world size \(torchrun --nproc_per_node 2\)"):
+        train(_digits_cfg(tmp_path, "train.steps=2"))
+    old = {k: v for k, v in state.items() if k != "world"}  # the gathered layout of before
+    torch.save({**old, "ranks": [{}]}, path / "train_state.pt")
+    with pytest.raises(ValueError, match="older image-gen"):
+        train(_digits_cfg(tmp_path, "train.steps=2"))
 
 
 def test_mae_then_generator_then_sample_end_to_end(tmp_path, capsys):
