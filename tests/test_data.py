@@ -354,14 +354,20 @@ def test_pusht_image_dataset(tmp_path):
     item = ds[3]
     assert item["obs"]["image"].shape == (16, 3, 8, 8)
     assert item["obs"]["agent_pos"].shape == (16, 2)
-    image = item["obs"]["image"]
-    assert image.dtype == torch.float32 and 0.0 <= image.min() and image.max() <= 1.0
+    image = item["obs"]["image"]  # bytes, scaled to [0, 1] on the policy's device
+    assert image.dtype == torch.uint8
     b0, _, s0, _ = ds.sampler.indices[3]
-    torch.testing.assert_close(image[s0], torch.from_numpy(buf["img"][b0]).permute(2, 0, 1) / 255)
+    assert torch.equal(image[s0], torch.from_numpy(buf["img"][b0]).permute(2, 0, 1))
 
     norm = ds.get_normalizer()
     assert sorted(norm.keys()) == ["action", "agent_pos", "image"]
-    torch.testing.assert_close(norm["image"].normalize(image), image * 2 - 1)
+    unit = image.float() / 255
+    torch.testing.assert_close(norm["image"].normalize(unit), unit * 2 - 1)
+
+    first = SequenceDataset.from_zarr(tmp_path / "pusht.zarr", horizon=16, pad_before=1,
+                                      pad_after=7, first_k={"img": 2, "state": 2}, **PUSHT_IMAGE)
+    assert first[3]["obs"]["image"].shape == (2, 3, 8, 8)  # only the To frames travel
+    assert torch.equal(first[3]["obs"]["image"], image[:2])
 
 
 def test_validation_split_is_disjoint_and_seeded():

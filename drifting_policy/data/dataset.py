@@ -3,13 +3,15 @@
 ``obs_keys`` maps each output observation name to a list of *sources*: replay-buffer keys whose
 per-step values are flattened and concatenated. A source is a key name, or a key with a column
 range ``cols: [start, stop]`` taken after flattening. ``rgb_keys`` maps output image names to
-buffer keys holding [N, H, W, C] images in 0..255, returned as float32 [T, C, H, W] in [0, 1].
+buffer keys holding [N, H, W, C] images in 0..255, returned as uint8 [T, C, H, W] — only the
+first k frames when ``first_k`` names the buffer key (the To conditioning frames), so a sample
+carries To frames of bytes, not T of float32; the policy scales them to [0, 1] on its device.
 
 Output modes (``obs_as_dict``; by default dict mode unless the only entry is ``obs`` and there
 are no images):
 - lowdim: ``batch["obs"]`` is one tensor [T, Do] (normaliser key ``"obs"``);
 - dict: ``batch["obs"] = {name: [T, ...]}`` (one normaliser key per name).
-``batch["action"]`` is [T, Da]; everything is float32.
+``batch["action"]`` is [T, Da]; everything but images is float32.
 
 PushT, state observations (Do = 9 keypoints x 2 + agent xy = 20)::
 
@@ -60,6 +62,14 @@ from drifting_policy.data.sampler import SequenceSampler, downsample_mask, get_v
 from drifting_policy.nn.normalizer import LinearNormalizer
 
 Source = tuple[str, tuple[int, int] | None]
+
+
+def _as_uint8(frames: np.ndarray) -> np.ndarray:
+    """Images in 0..255 as uint8; float sources (Diffusion Policy's PushT zarr stores float32
+    0..255) are rounded."""
+    if frames.dtype == np.uint8:
+        return frames
+    return np.clip(np.rint(frames), 0, 255).astype(np.uint8)
 
 
 def _stats(x: np.ndarray) -> dict[str, np.ndarray]:
@@ -394,7 +404,8 @@ class SequenceDataset(torch.utils.data.Dataset):
     def _to_obs(self, sample: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         obs = {name: self._lowdim(sample, name) for name in self.obs_keys}
         for name, key in self.rgb_keys.items():
-            obs[name] = np.moveaxis(sample[key], -1, 1).astype(np.float32) / 255.0
+            frames = _as_uint8(sample[key][: self._first_k.get(key)])  # the frames read
+            obs[name] = np.ascontiguousarray(np.moveaxis(frames, -1, 1))
         return obs
 
     def get_normalizer(self, mode: str = "limits", range_eps: float = 1e-4) -> LinearNormalizer:
@@ -425,7 +436,8 @@ class SequenceDataset(torch.utils.data.Dataset):
         return len(self.sampler)
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
-        """``{"obs": [T, Do] or {name: [T, ...]}, "action": [T, Da]}`` float32 tensors."""
+        """``{"obs": [T, Do] or {name: [T, ...]}, "action": [T, Da]}``: float32 tensors, images
+        uint8 [k or T, C, H, W]."""
         sample = self.sampler.sample_sequence(idx)
         obs = {name: torch.from_numpy(v) for name, v in self._to_obs(sample).items()}
         action = torch.from_numpy(sample[self.action_key].astype(np.float32))

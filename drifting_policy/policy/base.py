@@ -7,7 +7,8 @@ A policy predicts an action chunk [B, T, Da] from the last To observations:
              --unnormalise--> action_pred; action = action_pred[:, To - 1 : To - 1 + Ta]
 
 Lowdim tasks use one low_dim key `obs` (obs_dict = {"obs": [B, To, Do]}, as in DP's lowdim
-policies); image tasks use one entry per shape_meta key (rgb [B, To, 3, H, W] in [0, 1]).
+policies); image tasks use one entry per shape_meta key (rgb [B, To, 3, H, W]: float in [0, 1]
+or uint8 in 0..255, scaled on the policy's device).
 Both go through the same ObsEncoder (a low_dim key passes straight through).
 """
 
@@ -178,7 +179,8 @@ class ChunkPolicy(nn.Module):
 
     # ------------------------------------------------------------------ helpers
     def _check_obs(self, obs_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Validate {key: [B, >=To, *shape]} and keep the first To steps of each key."""
+        """Validate {key: [B, >=To, *shape]} and keep the first To steps of each key, on the
+        policy's device; uint8 rgb (0..255) becomes float in [0, 1] there."""
         out, batch = {}, None
         for key, meta in self.shape_meta["obs"].items():
             if key not in obs_dict:
@@ -194,7 +196,10 @@ class ChunkPolicy(nn.Module):
             if batch is not None and x.shape[0] != batch:
                 raise ValueError(f"obs['{key}']: batch {x.shape[0]} differs from {batch}")
             batch = x.shape[0]
-            out[key] = x[:, : self.n_obs_steps].to(self.device, self.dtype)
+            x = x[:, : self.n_obs_steps].to(self.device, non_blocking=True)
+            if meta["type"] == "rgb" and x.dtype == torch.uint8:
+                x = x.to(self.dtype) / 255.0  # uint8 frames travel as bytes, scaled here
+            out[key] = x.to(self.dtype)
         return out
 
     def _encode(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:

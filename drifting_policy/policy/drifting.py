@@ -26,6 +26,8 @@ def chunk_drift_loss(
     temperatures: tuple[float, ...] = (0.02, 0.05, 0.2),
     affinity_floor: float = 1e-6,
     pad_mask: torch.Tensor | None = None,
+    all_reduce: bool = False,
+    validate: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Drift loss of G generated action chunks per observation against the expert chunk.
 
@@ -51,6 +53,8 @@ def chunk_drift_loss(
             statistic); per_dim / flat zero the padded steps in both x and naction, so they add
             nothing to distances, forces or the loss (S, hence the coordinate scale, still
             counts them). Each chunk's first step must be real.
+        all_reduce, validate: passed to drift_loss (data parallelism: the statistics over every
+            rank's observations; value checks, a host sync each).
 
     Returns:
         loss: scalar, the mean over groups of the mean over the (unpadded) problems of the group;
@@ -89,7 +93,8 @@ def chunk_drift_loss(
     n_groups = gen.shape[0] // b
     loss, info = drift_loss(
         gen, pos, temperatures=temperatures, affinity_floor=affinity_floor,
-        groups=n_groups if normalize == "per_group" else 1, valid=valid,
+        groups=n_groups if normalize == "per_group" else 1, valid=valid, all_reduce=all_reduce,
+        validate=validate,
     )
     per_group = loss.reshape(n_groups, b)
     if valid is None:
@@ -108,6 +113,11 @@ class DriftingPolicy(ChunkPolicy):
     """
 
     config_class = DriftingConfig
+    # Switches of the drift loss at training time, set by the trainer (not part of the config):
+    # under DDP the statistics are all-reduced over the ranks (only in train mode, so a rank-0
+    # validation pass never waits for the others), and the value checks cost a host sync.
+    all_reduce_drift: bool = False
+    validate_drift: bool = True
 
     def sample(self, noise, cond, generator=None):
         return self.model(noise, 0, cond)
@@ -118,4 +128,6 @@ class DriftingPolicy(ChunkPolicy):
         noise = torch.randn(b * g, t, da, device=naction.device, dtype=naction.dtype)
         x = self.model(noise, 0, cond.repeat_interleave(g, dim=0)).reshape(b, g, t, da)
         return chunk_drift_loss(x, naction, grouping=c.grouping, normalize=c.normalize,
-                                temperatures=c.temperatures, affinity_floor=c.affinity_floor)
+                                temperatures=c.temperatures, affinity_floor=c.affinity_floor,
+                                all_reduce=self.all_reduce_drift and self.training,
+                                validate=self.validate_drift)
