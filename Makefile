@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 DEMO_OUT ?= outputs/demo
 IMAGE_DEMO_OUT ?= outputs/image_gen_demo
 
-.PHONY: venv demo image-demo test test-slow lint bench clean
+.PHONY: venv demo image-demo test test-slow lint bench clean venv-lerobot
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,6 +36,24 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/drift_overhead.py --out benchmarks/results/drift_overhead.json
+
+# LeRobot 0.4.4 and the lerobot_policy_drifting plugin in their own virtualenv (LeRobot pins
+# huggingface-hub<0.36; this project's diffusers needs >=1): lerobot --no-deps next to the
+# project's torch 2.14.1. tests/test_lerobot_plugin.py runs in it (and skips without it). The
+# packages are installed once per requirements change (minutes); the two editable installs
+# (this checkout) every time (seconds). .ci/run keeps it outside the clone so it is reused.
+LEROBOT_VENV ?= .venv-lerobot
+LEROBOT_REQS := lerobot_policy_drifting/requirements-lerobot.txt
+
+$(LEROBOT_VENV)/.installed: $(LEROBOT_REQS)
+	test -x $(LEROBOT_VENV)/bin/python || python3 -m venv $(LEROBOT_VENV)
+	$(LEROBOT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LEROBOT_VENV)/bin/python -m pip install -q -r $(LEROBOT_REQS)
+	$(LEROBOT_VENV)/bin/python -m pip install -q --no-deps lerobot==0.4.4
+	touch $@
+
+venv-lerobot: $(LEROBOT_VENV)/.installed
+	$(LEROBOT_VENV)/bin/python -m pip install -q --no-deps -e . -e ./lerobot_policy_drifting
 
 clean:
 	rm -rf $(VENV) outputs
