@@ -8,7 +8,7 @@ latency: for each (policy, obs) the network calls per predict_action are counted
     median wall time of `--calls` timed batch-1 calls after warm-up is reported, with the ratio to
     the drifting policy measured in the same run.
 control: each policy drives the simulated PushT through the real-time loop
-    (drifting_policy.rollout.realtime, receding horizon, `--lead` periods to answer) for a fixed
+    (drifting_policy.deploy.control_loop, receding horizon, `--lead` periods to answer) for a fixed
     number of ticks at 10 / 50 / 100 Hz: deadline-miss rate, inference p50/p99, achieved rate;
     `sustainable_hz` is the highest tested rate without a miss.
 export: the drifting policy in PyTorch vs its ONNX graph in onnxruntime (CPU, batch 1).
@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from drifting_policy.checkpoint import build_policy
 from drifting_policy.config import compose
 from drifting_policy.nn.normalizer import LinearNormalizer
+from drifting_policy.policy import config_from_dict, make_policy
 
 # rows: name -> (policy config, overrides of its sampler)
 POLICIES = {
@@ -61,7 +61,9 @@ def build(policy: str, obs: str, size: str) -> torch.nn.Module:
     config, sampler = POLICIES[policy]
     cfg = compose("train_policy", [f"task={TASKS[obs]}", f"policy={config}",
                                    f"size={SIZES[size][obs]}", *sampler])
-    p = build_policy(cfg)
+    from omegaconf import OmegaConf
+
+    p = make_policy(config_from_dict(OmegaConf.to_container(cfg.policy, resolve=True)))
     norm = LinearNormalizer()
     for key, m in p.shape_meta["obs"].items():
         norm.set_image(key) if m["type"] == "rgb" else norm.set_identity(key, m["shape"][0])
@@ -124,7 +126,9 @@ def control(size: str, obs_types: list[str], rates: list[float], seconds: float,
     """Real-time loop rows: every (obs, policy, rate) runs max(min_ticks, seconds * rate) ticks
     of PushT from seed 100000 (the robot resets when an episode ends), after `warmup` untimed
     predictions."""
-    from drifting_policy.rollout.realtime import GymRobot, LocalPredictor, LoopConfig, run_realtime
+    from drifting_policy.deploy.control_loop import LoopConfig, run_realtime
+    from drifting_policy.deploy.predictors import LocalPredictor
+    from drifting_policy.deploy.robot import GymRobot
 
     rows = []
     jobs = [(o, p) for o in obs_types for p in POLICIES]
@@ -164,7 +168,9 @@ def export_latency(size: str, calls: int, warmup: int, obs_types: list[str]) -> 
     torch's thread count; max |difference| of their actions on the timed input."""
     import tempfile
 
-    from drifting_policy.export import OneStepGraph, example_inputs, export_onnx, ort_session
+    from drifting_policy.deploy.export import example_inputs, export_onnx
+    from drifting_policy.deploy.graph import OneStepGraph
+    from drifting_policy.deploy.predictors import ort_session
 
     rows = []
     for obs in tqdm(obs_types, desc="export"):
@@ -177,7 +183,7 @@ def export_latency(size: str, calls: int, warmup: int, obs_types: list[str]) -> 
             session = ort_session(path, threads=torch.get_num_threads())
             mb = path.stat().st_size / 1e6
             ort_ms = time_ms(lambda s=session, x=inputs: s.run(["action"], x), calls, warmup)
-            diff = float(abs(session.run(["action"], inputs)[0] - graph(*args).numpy()).max())
+            diff = float(abs(session.run(["action"], inputs)[0] - graph(*args)[0].numpy()).max())
         torch_ms = time_ms(lambda g=graph, a=args: g(*a), calls, warmup)
         rows.append({"obs": obs, "size": size, "torch_median_ms": statistics.median(torch_ms),
                      "ort_median_ms": statistics.median(ort_ms),
@@ -197,7 +203,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calls", type=int, default=30, help="timed calls per row (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first")
     p.add_argument("--obs", nargs="+", default=["lowdim", "image"], choices=list(TASKS))
-    p.add_argument("--device", default="cpu", help="latency only")
+    p.add_argument("--device", default="auto",
+                   help="latency only: auto (cuda when present) | cpu | cuda[:N]")
     p.add_argument("--rates", nargs="+", type=float, default=[10.0, 50.0, 100.0],
                    help="control: rates (Hz)")
     p.add_argument("--seconds", type=float, default=None,
@@ -240,7 +247,10 @@ def _print_export(rows: list[dict]) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from drifting_policy.deploy.contract import resolve_device
+
     torch.manual_seed(0)
+    args.device = str(resolve_device(args.device))
     size = args.size or ("cpu" if args.quick else "paper")
     out = args.out or Path(f"benchmarks/results/{args.which}.json")
     meta = _meta(args, size)

@@ -71,17 +71,17 @@ def _dispatch(argv: list[str]) -> int:
     sub.add_parser("train", help="train a policy (hydra overrides: task=... policy=... key=value)")
     sub.add_parser("demos", help="write expert demonstrations (see `demos --help`)")
 
-    from drifting_policy import demo, export, serve, toy
+    from drifting_policy import demo, toy
     from drifting_policy import eval as evaluation
     from drifting_policy.bench import add_arguments as bench_arguments
-    from drifting_policy.rollout import realtime
+    from drifting_policy.deploy import export, run, server
 
     toy.add_arguments(sub.add_parser("toy", help="2-D drifting demo (mode recovery, figure)"))
     evaluation.add_arguments(sub.add_parser("eval", help="evaluate a checkpoint in simulation"))
     demo.add_arguments(sub.add_parser("demo", help="the main job: PushT demos -> train -> eval"))
     bench_arguments(sub.add_parser("bench", help="benchmarks (latency, control, export)"))
-    realtime.add_arguments(sub.add_parser("run", help="drive the task's env in real time"))
-    serve.add_arguments(sub.add_parser("serve", help="serve a policy over ZeroMQ"))
+    run.add_arguments(sub.add_parser("run", help="drive the task's env in real time"))
+    server.add_arguments(sub.add_parser("serve", help="serve a policy over ZeroMQ"))
     export.add_arguments(sub.add_parser("export", help="export a drifting policy to ONNX"))
     from drifting_policy.data import convert, convert_abs
 
@@ -96,7 +96,7 @@ def _dispatch(argv: list[str]) -> int:
     from drifting_policy.bench import main as bench_main
 
     handlers = {"toy": toy.main, "demo": demo.main, "eval": evaluation.main,
-                "run": realtime.main, "serve": serve.main, "export": export.main,
+                "run": run.main, "serve": server.main, "export": export.main,
                 "bench": bench_main, "convert-abs": convert_abs.main, "convert": convert.main}
     if args.command in handlers:
         return handlers[args.command](args)

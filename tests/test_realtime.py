@@ -1,16 +1,18 @@
 """Real-time loop: deadline misses and action timing against hand-worked timelines (fake clock),
 ticks that never wait for a slow policy (real threads), ACT ensembling, GymRobot episodes."""
 
+import json
 import math
+import threading
 import time
 
 import numpy as np
 import pytest
+from deploy_helpers import FakeClock, SimulatedInference, policy
 
-from drifting_policy.rollout.realtime import (
+from drifting_policy.deploy.contract import NonFiniteError
+from drifting_policy.deploy.control_loop import (
     ActionQueue,
-    Chunk,
-    GymRobot,
     LoopConfig,
     LoopStats,
     ThreadedInference,
@@ -18,49 +20,8 @@ from drifting_policy.rollout.realtime import (
     run_episode,
     run_realtime,
 )
+from drifting_policy.deploy.robot import GymRobot
 from drifting_policy.rollout.runner import EnvSpec
-
-
-class FakeClock:
-    """Virtual time: sleeping jumps to the wake-up time."""
-
-    def __init__(self):
-        self.t = 0.0
-
-    def now(self):
-        return self.t
-
-    def sleep_until(self, t):
-        self.t = max(self.t, t)
-
-
-class SimulatedInference:
-    """The ThreadedInference interface with a virtual latency: the chunk is computed at submit()
-    and becomes visible to poll() once the fake clock reaches submit time + latency."""
-
-    def __init__(self, predictor, clock, latency):
-        self.predictor, self.clock, self.latency = predictor, clock, latency
-        self.pending = None
-
-    @property
-    def busy(self):
-        return self.pending is not None
-
-    def submit(self, tick, obs):
-        assert self.pending is None, "submit while busy"
-        chunk = Chunk(tick, self.clock.now(), actions=self.predictor.predict(obs))
-        chunk.ready = chunk.submitted + self.latency
-        self.pending = chunk
-
-    def poll(self, wait=False):
-        if self.pending is None:
-            return []
-        if wait:
-            self.clock.sleep_until(self.pending.ready)
-        if self.pending.ready <= self.clock.now():
-            done, self.pending = self.pending, None
-            return [done]
-        return []
 
 
 class TickRobot:
@@ -210,7 +171,7 @@ def test_predictor_errors_are_counted_and_the_loop_goes_on():
 
 
 def test_gym_robot_keeps_the_obs_history_and_counts_episodes():
-    spec = EnvSpec(id="PushT-v0", package="envs.pusht", kwargs={"obs_type": "keypoints"},
+    spec = EnvSpec(id="PushT-v0", kwargs={"obs_type": "keypoints"},
                    max_steps=3)
     robot = GymRobot(spec, n_obs_steps=2)
     robot.reset(seed=100000)
@@ -233,40 +194,142 @@ def test_gym_robot_keeps_the_obs_history_and_counts_episodes():
     assert all(0.0 <= s <= 1.0 for s in stats.scores)
 
 
-def test_run_cli_in_process_through_a_server_and_with_onnxruntime(tmp_path):
-    import json
-    import threading
+class Poisoned(LabelPredictor):
+    """LabelPredictor whose chunk for the observation ticks in `bad` is all NaN."""
 
-    import torch
+    def __init__(self, bad):
+        super().__init__()
+        self.bad = bad
 
-    from drifting_policy import cli
-    from drifting_policy.bench import build
+    def predict(self, obs, seed=None):
+        rows = super().predict(obs)
+        return rows * np.nan if int(obs["obs"][-1, 0]) in self.bad else rows
+
+
+class NanAt(TickRobot):
+    """TickRobot whose observation at the ticks in `bad` holds NaN."""
+
+    def __init__(self, bad):
+        super().__init__()
+        self.bad = bad
+
+    def get_observation(self):
+        obs = super().get_observation()
+        if self.count in self.bad:
+            obs["obs"][0, 0] = np.nan
+        return obs
+
+
+@pytest.mark.parametrize("where", ["observation", "chunk"])
+def test_a_non_finite_observation_or_chunk_is_a_fault_and_the_robot_holds(where):
+    # Ta 2, lead 1, 9.5 ms at 100 Hz: chunks from obs ticks 0, 1, 3, 5, ...; the one from obs
+    # tick 3 is lost (its observation or its chunk holds NaN), so tick 4 holds (1, 2); the
+    # observation of tick 4 is used at once and its chunk runs from tick 5
+    clock, stats = FakeClock(), LoopStats(rate=100)
+    robot = NanAt({3}) if where == "observation" else TickRobot()
+    predictor = Poisoned({3} if where == "chunk" else set())
+    backend = SimulatedInference(predictor, clock, latency=0.0095)
+    run_episode(robot, backend, LoopConfig(rate=100, lead=1, n_action_steps=2), 9, stats,
+                clock=clock, record=True)
+    sent = [tuple(a) for a in stats.sent]
+    assert sent == [(0, 0), (0, 1), (1, 1), (1, 2), (1, 2), (4, 1), (4, 2), (6, 1), (6, 2)]
+    assert np.isfinite(np.stack(stats.sent)).all()
+    expected = ("tick 3: observation ['obs'] not finite" if where == "observation"
+                else "chunk from tick 3: actions not finite")
+    assert stats.faults == [expected] and stats.misses == 1 and stats.errors == []
+    assert stats.summary()["faults"] == 1 and stats.summary()["first_fault"] == expected
+
+
+def test_a_predictor_refusing_its_answer_as_non_finite_is_a_fault():
+    class Refuses(LabelPredictor):
+        calls = 0
+
+        def predict(self, obs, seed=None):
+            Refuses.calls += 1
+            if Refuses.calls == 2:
+                raise NonFiniteError("predictor: the policy's actions: expected finite values")
+            return super().predict(obs)
+
+    backend = ThreadedInference(Refuses())
+    stats = LoopStats(rate=100)
+    run_episode(TickRobot(), backend, LoopConfig(rate=100, lead=1, n_action_steps=2), 12, stats,
+                record=True)
+    backend.close()
+    assert stats.faults == ["predictor: the policy's actions: expected finite values"]
+    assert stats.errors == [] and stats.ticks == 12 and np.isfinite(np.stack(stats.sent)).all()
+
+
+def test_nothing_is_sent_when_the_first_observation_or_chunk_is_not_finite():
+    for robot, predictor, message in (
+            (NanAt({0}), LabelPredictor(), r"first observation: tick 0: observation \['obs'\]"),
+            (TickRobot(), Poisoned({0}), "first inference: chunk from tick 0: actions not finite")):
+        clock, stats = FakeClock(), LoopStats(rate=100)
+        backend = SimulatedInference(predictor, clock, latency=0.001)
+        with pytest.raises(NonFiniteError, match=message):
+            run_episode(robot, backend, LoopConfig(rate=100, lead=1, n_action_steps=2), 5, stats,
+                        clock=clock, record=True)
+        assert robot.count == 0 and stats.sent == []
+
+
+def write_task_checkpoint(path, task, p):
+    """A training checkpoint of policy `p` whose train config holds the task (as `train` writes
+    it): what run / serve / export read."""
+    from omegaconf import OmegaConf
+
     from drifting_policy.checkpoint import write_checkpoint
     from drifting_policy.config import compose
-    from drifting_policy.export import export_onnx
-    from drifting_policy.rollout.realtime import LocalPredictor
-    from drifting_policy.serve import PolicyServer
 
-    torch.manual_seed(0)
-    policy = build("drifting", "lowdim", "cpu")
-    cfg = compose("train_policy", ["task=pusht_lowdim", "policy=drifting", "size=cpu"])
-    ckpt = write_checkpoint(tmp_path / "ckpt", cfg, policy)
-    server = PolicyServer(LocalPredictor(policy), "tcp://127.0.0.1:*")
+    cfg = compose("train_policy", [f"task={task}"])
+    train_config = {"task": OmegaConf.to_container(cfg.task, resolve=True),
+                    "policy": p.config.to_dict()}
+    return write_checkpoint(path, train_config, p)
+
+
+def test_run_cli_in_process_through_a_server_and_with_onnxruntime(tmp_path):
+    from drifting_policy import cli
+    from drifting_policy.deploy.export import export_onnx
+    from drifting_policy.deploy.predictors import LocalPredictor
+    from drifting_policy.deploy.server import PolicyServer
+
+    p = policy("pusht_lowdim")
+    ckpt = write_task_checkpoint(tmp_path / "ckpt", "pusht_lowdim", p)
+    server = PolicyServer(LocalPredictor(p), "tcp://127.0.0.1:*")
     stop = threading.Event()
     thread = threading.Thread(target=server.serve, args=(stop, 20))
     thread.start()
     try:
-        onnx = str(export_onnx(policy, tmp_path / "policy.onnx"))
+        onnx = str(export_onnx(p, tmp_path / "policy.onnx"))
         for name, extra in (("local", []), ("served", ["--server", server.address]),
-                            ("onnx", ["--onnx", onnx])):
+                            ("onnx", ["--onnx", onnx]),
+                            ("served_k3", ["--server", server.address, "--n-samples", "3"]),
+                            ("onnx_k3", ["--onnx", onnx, "--n-samples", "3"])):
             argv = ["run", "--checkpoint", str(ckpt), "--rate", "20", "--steps", "12",
-                    "--out", str(tmp_path / name), *extra]
+                    "--warmup", "1", "--out", str(tmp_path / name), *extra]
             assert cli.main(argv) == 0
             r = json.loads((tmp_path / name / "run.json").read_text())
             assert r["ticks"] == 12 and r["rate_hz"] == 20 and r["inference_errors"] == 0
             assert r["chunks"] >= 1 and r["p99_ms"] > 0 and r["task"] == "pusht_lowdim"
+            assert r["faults"] == 0 and r["n_samples"] == (3 if name.endswith("k3") else 1)
     finally:
         stop.set()
         thread.join()
         server.close()
-    assert server.served >= 2  # the warm-start chunk and at least one timed one
+    assert server.served >= 4  # warm-up, the warm-start chunk and at least one timed one
+
+
+def test_run_cli_executes_a_one_action_chunk_task_through_onnx(tmp_path):
+    """BlockPush (To/Ta/T = 3/1/12): the graph returns the executable horizon (10 rows), so the
+    loop executes one action per chunk (an ONNX predictor returning Ta = 1 row had none)."""
+    from drifting_policy import cli
+    from drifting_policy.deploy.export import export_onnx
+
+    p = policy("blockpush")
+    ckpt = write_task_checkpoint(tmp_path / "ckpt", "blockpush_lowdim", p)
+    onnx = str(export_onnx(p, tmp_path / "policy.onnx"))
+    for name, extra in (("local", []), ("onnx", ["--onnx", onnx])):
+        argv = ["run", "--checkpoint", str(ckpt), "--rate", "20", "--steps", "8", "--warmup", "1",
+                "--out", str(tmp_path / name), *extra]
+        assert cli.main(argv) == 0
+        r = json.loads((tmp_path / name / "run.json").read_text())
+        assert r["ticks"] == 8 and r["n_action_steps"] == 1 and r["inference_errors"] == 0
+        assert r["chunks"] >= 1 and r["faults"] == 0 and r["task"] == "blockpush_lowdim"

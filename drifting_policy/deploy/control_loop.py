@@ -1,37 +1,36 @@
 """Real-time control: a policy drives a robot at a fixed rate, inference never blocks a tick.
 
-    drifting-policy run --checkpoint DIR --rate 10 --episodes 3 --out DIR
-    drifting-policy run --checkpoint DIR --rate 10 --steps 300 --server tcp://127.0.0.1:5555 ...
-    drifting-policy run --checkpoint DIR --rate 10 --steps 300 --onnx policy.onnx ...
-
 Timeline. Ticks are scheduled at t0 + k / rate (time.perf_counter; a late tick does not shift the
 ones after it, so no drift accumulates). At tick k the loop (1) takes the chunks the inference
 worker finished, (2) reads the robot's observation o_k ([To, ...] frames), (3) starts inference on
 o_k if it is time, (4) sends the action scheduled for tick k. It never waits for inference.
 
-Chunks are time-stamped. A predictor returns H actions for the ticks k, k + 1, ... of its
-observation (row 0 = the policy's action index To - 1). Since an answer takes time, the chunk
-from o_k is executed from tick k + lead on (rows lead .. lead + Ta - 1, receding horizon): the
-policy has `lead` control periods to answer (default 1). Inference for the next chunk starts
-when the queue holds no action past tick k + lead - 1, so each chunk executes Ta actions. Rows
-of a chunk that arrives late are dropped for the ticks that have passed (as Diffusion Policy's
-real-robot eval drops actions whose timestamps are past).
+Chunks are time-stamped. A predictor (`deploy/contract.py`) returns H actions for the ticks k,
+k + 1, ... of its observation (row 0 = the policy's action index To - 1). Since an answer takes
+time, the chunk from o_k is executed from tick k + lead on (rows lead .. lead + Ta - 1, receding
+horizon): the policy has `lead` control periods to answer (default 1). Inference for the next
+chunk starts when the queue holds no action past tick k + lead - 1, so each chunk executes Ta
+actions. Rows of a chunk that arrives late are dropped for the ticks that have passed (as
+Diffusion Policy's real-robot eval drops actions whose timestamps are past).
 
 Deadline miss: a tick with no action scheduled for it (the chunk was late). The loop then HOLDS:
 it re-sends the last action sent (for position targets such as PushT's, the robot stays put).
+
+Faults: nothing non-finite reaches the robot. An observation holding NaN/inf is not sent to the
+policy and a chunk holding NaN/inf (or refused by the predictor as non-finite) is dropped; each
+counts a fault, and a tick left without an action holds the last one. The queue holds only
+finite rows (their ensemble average is finite too), so every action sent is finite.
 
 Temporal ensembling (ACT, Zhao et al. 2023): inference runs whenever the worker is idle, every
 chunk contributes all its rows from `lead` on, and the action for tick k is the average of the
 chunks' predictions for k with weights exp(-coeff * i), i = 0 for the oldest chunk.
 
-Plug a real robot by implementing `Robot` (see docs/deployment.md); `GymRobot` turns any
-gymnasium env (a task config's env) into one.
+Plug a real robot by implementing `Robot` (see docs/deployment.md); `deploy/robot.py`'s
+`GymRobot` turns any gymnasium env (a task config's env) into one.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import queue
 import sys
@@ -39,14 +38,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from drifting_policy.rollout.runner import EnvSpec, _make_env
+from drifting_policy.deploy.contract import NonFiniteError, Predictor
 
 
 # ---------------------------------------------------------------------------------- protocols
@@ -72,17 +69,6 @@ class EpisodicRobot(Robot, Protocol):
     score: float
 
 
-class Predictor(Protocol):
-    """A policy behind a call: observation frames in, time-stamped action chunk out."""
-
-    n_obs_steps: int
-    n_action_steps: int
-
-    def predict(self, obs: Mapping[str, np.ndarray], seed: int | None = None) -> np.ndarray:
-        """{key: [To, *shape]} -> actions [H, Da] for the observation's tick and the H - 1
-        ticks after it. `seed` fixes the initial noise (None: the global RNG)."""
-
-
 class Clock(Protocol):
     def now(self) -> float:
         """Seconds, monotonic."""
@@ -103,71 +89,6 @@ class MonotonicClock:
             time.sleep(delay)
 
 
-# ---------------------------------------------------------------------------------- robots
-class GymRobot:
-    """A gymnasium env as a robot (the simulator stands in for hardware).
-
-    The env is built like the EnvRunner builds it (same wrappers), with Ta = 1: every
-    `send_action` steps the env once, and `get_observation` returns the last To frames, padded
-    with the first frame after reset (MultiStepWrapper). `score` is the episode's max reward.
-    """
-
-    def __init__(self, env: EnvSpec | Mapping, n_obs_steps: int) -> None:
-        spec = env if isinstance(env, EnvSpec) else EnvSpec(**dict(env))
-        self.env = _make_env(spec, n_obs_steps, 1)
-        self.n_obs_steps = n_obs_steps
-        self.done, self.score, self.info = True, 0.0, {}
-        self._obs = None
-
-    @classmethod
-    def from_task(cls, task: Mapping) -> GymRobot:
-        """The robot for a task config (task.env and task.n_obs_steps)."""
-        return cls(dict(task["env"]), int(task["n_obs_steps"]))
-
-    def reset(self, seed: int | None = None) -> None:
-        self._obs, self.info = self.env.reset(seed=seed)
-        self.done, self.score = False, 0.0
-
-    def get_observation(self) -> dict[str, np.ndarray]:
-        if self._obs is None:
-            raise RuntimeError("GymRobot: call reset() before get_observation()")
-        if isinstance(self._obs, Mapping):
-            return {k: np.asarray(v, np.float32) for k, v in self._obs.items()}
-        return {"obs": np.asarray(self._obs, np.float32)}
-
-    def send_action(self, action: np.ndarray) -> None:
-        if self.done:
-            return  # the episode is over; further commands are ignored
-        self._obs, reward, term, trunc, info = self.env.step(np.asarray(action)[None])
-        self.score, self.info = float(reward), info  # MultiStepWrapper: max reward so far
-        self.done = bool(term or trunc)
-
-    def close(self) -> None:
-        self.env.close()
-
-
-# ---------------------------------------------------------------------------------- predictors
-class LocalPredictor:
-    """A ChunkPolicy in this process: predict() -> action_pred[0, To - 1:] ([T - To + 1, Da])."""
-
-    def __init__(self, policy) -> None:
-        self.policy = policy.eval()
-        self.n_obs_steps = policy.n_obs_steps
-        self.n_action_steps = policy.n_action_steps
-        self.shape_meta = policy.shape_meta
-
-    def predict(self, obs: Mapping[str, np.ndarray], seed: int | None = None) -> np.ndarray:
-        device = self.policy.device
-        batch = {k: torch.tensor(np.asarray(v), dtype=torch.float32, device=device)[None]
-                 for k, v in obs.items()}
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device=device).manual_seed(int(seed))
-        with torch.inference_mode():
-            pred = self.policy.predict_action(batch, generator=gen)["action_pred"]
-        return pred[0, self.n_obs_steps - 1 :].float().cpu().numpy()
-
-
 # ---------------------------------------------------------------------------------- inference
 @dataclass
 class Chunk:
@@ -177,7 +98,8 @@ class Chunk:
     submitted: float
     ready: float = math.nan
     actions: np.ndarray | None = None  # [H, Da]
-    error: str | None = None
+    error: str | None = None  # the predictor failed
+    fault: str | None = None  # the chunk (or the predictor's answer) is not finite
 
 
 class ThreadedInference:
@@ -185,7 +107,8 @@ class ThreadedInference:
 
     submit() hands over an observation and returns at once; poll() returns the finished chunks.
     One request at a time: `busy` is True from submit() until poll() returned its chunk.
-    A predictor error becomes a chunk with `error` set (the loop counts it and goes on).
+    A predictor error becomes a chunk with `error` set, a NonFiniteError one with `fault` set
+    (the loop counts them and goes on).
     """
 
     def __init__(self, predictor: Predictor, clock: Clock | None = None) -> None:
@@ -204,6 +127,8 @@ class ThreadedInference:
             chunk, obs = item
             try:
                 chunk.actions = np.asarray(self.predictor.predict(obs), np.float32)
+            except NonFiniteError as e:
+                chunk.fault = str(e)
             except Exception as e:  # noqa: BLE001 - reported in the chunk, the loop goes on
                 chunk.error = f"{type(e).__name__}: {e}"
             chunk.ready = self.clock.now()
@@ -324,6 +249,7 @@ class LoopStats:
     margins: list[float] = field(default_factory=list)  # per chunk: needed - ready (< 0: late)
     lateness: list[float] = field(default_factory=list)  # per tick: wake-up - scheduled time
     errors: list[str] = field(default_factory=list)
+    faults: list[str] = field(default_factory=list)  # non-finite observations and chunks
     scores: list[float] = field(default_factory=list)  # per episode (EpisodicRobot)
     sent: list[np.ndarray] = field(default_factory=list)  # actions sent, when recorded
 
@@ -344,6 +270,7 @@ class LoopStats:
             "tick_late_p99_ms": pct(self.lateness, 99),
             "tick_late_max_ms": max(self.lateness) * 1e3 if self.lateness else None,
             "inference_errors": len(self.errors), "first_error": next(iter(self.errors), None),
+            "faults": len(self.faults), "first_fault": next(iter(self.faults), None),
             "episodes": len(self.scores),
             "mean_score": float(np.mean(self.scores)) if self.scores else None,
             "scores": list(self.scores),
@@ -363,7 +290,9 @@ def run_episode(
 ) -> None:
     """Reset the robot, compute the first chunk (not timed), then run ticks at cfg.rate until
     max_ticks or the robot's episode ends. `backend` has submit(tick, obs), poll(wait) and
-    `busy` (ThreadedInference). Measurements are appended to `stats`."""
+    `busy` (ThreadedInference). Measurements are appended to `stats`. A non-finite observation
+    or chunk counts a fault and is skipped (the robot holds its last action); before the first
+    action there is none to hold, so a fault there raises NonFiniteError (nothing was sent)."""
     clock = clock or MonotonicClock()
     period = 1.0 / cfg.rate
     actions = ActionQueue(cfg.ensemble_coeff)
@@ -371,10 +300,15 @@ def run_episode(
 
     backend.poll(wait=True)  # a request left over from the previous episode is dropped
     robot.reset(seed)
-    backend.submit(0, robot.get_observation())
+    obs = robot.get_observation()
+    if fault := _obs_fault(obs, 0):
+        raise NonFiniteError(f"first observation: {fault}")
+    backend.submit(0, obs)
     first = backend.poll(wait=True)[0]
     if first.error is not None:
         raise RuntimeError(f"first inference failed: {first.error}")
+    if fault := _chunk_fault(first):
+        raise NonFiniteError(f"first inference: {fault}")
     if len(first.actions) <= cfg.lead:
         raise ValueError(f"lead: expected < the chunk length {len(first.actions)}, "
                          f"got {cfg.lead}")
@@ -394,11 +328,16 @@ def run_episode(
             if chunk.error is not None:
                 stats.errors.append(chunk.error)
                 continue
+            if fault := _chunk_fault(chunk):
+                stats.faults.append(fault)
+                continue
             rows = chunk.actions[cfg.lead : None if span is None else cfg.lead + span]
             actions.add(rows, chunk.obs_tick + cfg.lead, tick)
         obs = robot.get_observation()
         due = cfg.ensemble_coeff is not None or actions.last_tick < tick + cfg.lead
-        if due and not backend.busy:
+        if fault := _obs_fault(obs, tick):
+            stats.faults.append(fault)  # not given to the policy; the queue runs on
+        elif due and not backend.busy:
             backend.submit(tick, obs)
         action = actions.pop(tick)
         if action is None:
@@ -416,6 +355,19 @@ def run_episode(
     stats.intervals += max(tick - 1, 0)
     if isinstance(robot, EpisodicRobot) and robot.done:
         stats.scores.append(float(robot.score))
+
+
+def _obs_fault(obs: Mapping[str, np.ndarray], tick: int) -> str | None:
+    """Why an observation may not go to the policy (None: it is finite)."""
+    bad = [k for k, v in obs.items() if not np.isfinite(v).all()]
+    return f"tick {tick}: observation {bad} not finite" if bad else None
+
+
+def _chunk_fault(chunk: Chunk) -> str | None:
+    """Why a finished chunk may not be executed (None: it is finite); sets chunk.fault."""
+    if chunk.fault is None and not np.isfinite(chunk.actions).all():
+        chunk.fault = f"chunk from tick {chunk.obs_tick}: actions not finite"
+    return chunk.fault
 
 
 def run_realtime(
@@ -459,100 +411,3 @@ def run_realtime(
     return stats
 
 
-# ---------------------------------------------------------------------------------- CLI
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory")
-    p.add_argument("--rate", type=float, default=10.0, help="control rate, Hz")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--steps", type=int, default=None, help="control ticks to run")
-    g.add_argument("--episodes", type=int, default=None, help="whole episodes (default 1)")
-    p.add_argument("--lead", type=int, default=1,
-                   help="control periods the policy has to answer an observation")
-    p.add_argument("--temporal-ensemble", action="store_true",
-                   help="ACT temporal ensembling instead of receding horizon")
-    p.add_argument("--ensemble-coeff", type=float, default=0.01, help="ACT's m in exp(-m i)")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--server", default=None,
-                       help="policy server address (tcp://HOST:PORT); default: in-process policy")
-    where.add_argument("--onnx", type=Path, default=None,
-                       help="run an exported graph (drifting-policy export) with onnxruntime")
-    p.add_argument("--timeout-ms", type=int, default=2000, help="server request timeout")
-    p.add_argument("--seed", type=int, default=100_000, help="seed of the first episode")
-    add_sampler_arguments(p)
-    p.add_argument("--out", type=Path, required=True, help="writes OUT/run.json")
-
-
-def load_predictor(checkpoint: Path, ema: bool = True, scheduler: str | None = None,
-                   num_inference_steps: int | None = None, device: str = "cpu") -> LocalPredictor:
-    """A checkpoint's policy as a LocalPredictor; diffusion checkpoints may switch sampler."""
-    from drifting_policy.checkpoint import load_policy
-
-    policy, config = load_policy(checkpoint, ema=ema, device=device)
-    if scheduler or num_inference_steps:
-        if not hasattr(policy, "set_inference"):
-            raise ValueError("--scheduler/--num-inference-steps: only for diffusion checkpoints, "
-                             f"got {config.policy._target_}")
-        policy.set_inference(scheduler or "ddpm", num_inference_steps or 100)
-    return LocalPredictor(policy)
-
-
-def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
-    """Checkpoint options shared by `run` and `serve`."""
-    p.add_argument("--scheduler", choices=["ddpm", "ddim"], default=None,
-                   help="diffusion checkpoints: sampler")
-    p.add_argument("--num-inference-steps", type=int, default=None,
-                   help="diffusion checkpoints: sampler steps (e.g. 10 with --scheduler ddim)")
-    p.add_argument("--no-ema", action="store_true", help="raw weights instead of the EMA")
-    p.add_argument("--device", default="cpu")
-
-
-def main(args: argparse.Namespace) -> int:
-    from omegaconf import OmegaConf
-
-    from drifting_policy.checkpoint import load_config
-
-    config = load_config(args.checkpoint)
-    task = OmegaConf.to_container(config.task, resolve=True)
-    if args.server:
-        from drifting_policy.serve import PolicyClient
-
-        predictor = PolicyClient(args.server, timeout_ms=args.timeout_ms)
-    elif args.onnx:
-        from drifting_policy.export import OnnxPredictor
-
-        predictor = OnnxPredictor(args.onnx)
-    else:
-        predictor = load_predictor(args.checkpoint, not args.no_ema, args.scheduler,
-                                   args.num_inference_steps, args.device)
-    cfg = LoopConfig(rate=args.rate, lead=args.lead, n_action_steps=predictor.n_action_steps,
-                     ensemble_coeff=args.ensemble_coeff if args.temporal_ensemble else None)
-    robot = GymRobot.from_task(task)
-    episodes = args.episodes if args.steps is None else None
-    try:
-        stats = run_realtime(robot, predictor, cfg, steps=args.steps,
-                             episodes=episodes or (1 if args.steps is None else None),
-                             seed=args.seed)
-    finally:
-        robot.close()
-    result = {**stats.summary(), "lead": cfg.lead, "n_action_steps": cfg.n_action_steps,
-              "temporal_ensemble": cfg.ensemble_coeff, "checkpoint": str(args.checkpoint),
-              "policy": config.policy._target_, "task": task["name"], "server": args.server,
-              "onnx": None if args.onnx is None else str(args.onnx),
-              "sampler": [args.scheduler, args.num_inference_steps]}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "run.json").write_text(json.dumps(result, indent=1))
-    print(format_summary(result))
-    print(f"wrote {args.out / 'run.json'}")
-    return 0
-
-
-def format_summary(r: Mapping) -> str:
-    """One human-readable line per run."""
-    def ms(x):
-        return "-" if x is None else f"{x:.1f}"
-
-    score = "" if r.get("mean_score") is None else f"  score {r['mean_score']:.3f}"
-    return (f"{r['ticks']} ticks @ {r['rate_hz']:g} Hz (achieved {r['achieved_hz'] or 0:.2f}): "
-            f"{r['deadline_misses']} deadline misses ({100 * r['deadline_miss_rate']:.1f}%), "
-            f"inference p50/p95/p99 {ms(r['p50_ms'])}/{ms(r['p95_ms'])}/{ms(r['p99_ms'])} ms, "
-            f"min margin {ms(r['margin_min_ms'])} ms{score}")
