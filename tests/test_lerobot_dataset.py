@@ -221,3 +221,34 @@ def test_demos_cli_writes_lerobot_and_train_reads_it(tmp_path):
     ws = TrainWorkspace(cfg)
     ws.run()
     assert ws.step == 3 and (tmp_path / "run/checkpoints/latest").is_dir()
+
+
+def test_image_features_stored_as_png_are_read(tmp_path):
+    """LeRobot datasets recorded without videos keep frames as PNG bytes in the parquet rows."""
+    import io
+
+    import pyarrow as pa
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    eps = [{"action": rng.normal(size=(n, 2)).astype(np.float32)} for n in (4, 3)]
+    lr.write_lerobot(tmp_path / "d", iter(eps), fps=10)
+    frames = rng.integers(0, 256, (7, 8, 10, 3), dtype=np.uint8)
+
+    def png(image: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG")
+        return buf.getvalue()
+
+    file = tmp_path / "d/data/chunk-000/file-000.parquet"
+    table = pq.read_table(file)
+    column = pa.array([{"bytes": png(f), "path": None} for f in frames],
+                      pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    pq.write_table(table.append_column("observation.cam", column), file)
+    info = json.loads((tmp_path / "d/meta/info.json").read_text())
+    info["features"]["observation.cam"] = {"dtype": "image", "shape": [8, 10, 3],
+                                           "names": ["height", "width", "channels"]}
+    (tmp_path / "d/meta/info.json").write_text(json.dumps(info))
+    buffer = lr.load_replay(tmp_path / "d", ["observation.cam", "action"])
+    assert np.array_equal(buffer["observation.cam"], frames)
+    assert buffer.episode_ends.tolist() == [4, 7]
