@@ -56,7 +56,8 @@ def test_layout_on_disk(pusht_pair):
     _, path, eps = pusht_pair
     info = json.loads((path / "meta/info.json").read_text())
     assert info["codebase_version"] == "v3.0" and info["fps"] == 10
-    assert info["total_episodes"] == 4 and info["total_frames"] == sum(len(e["action"]) for e in eps)
+    assert info["total_episodes"] == 4
+    assert info["total_frames"] == sum(len(e["action"]) for e in eps)
     features = info["features"]
     assert features["observation.image"]["dtype"] == "video"
     assert features["observation.image"]["shape"] == [96, 96, 3]
@@ -252,3 +253,27 @@ def test_image_features_stored_as_png_are_read(tmp_path):
     buffer = lr.load_replay(tmp_path / "d", ["observation.cam", "action"])
     assert np.array_equal(buffer["observation.cam"], frames)
     assert buffer.episode_ends.tolist() == [4, 7]
+
+
+@pytest.mark.parametrize("abs_actions", [False, True])
+def test_robomimic_demos_in_lerobot_format(tmp_path, abs_actions):
+    """`demos lift --format lerobot [--abs]`: the collectors' episodes -> LeRobot at 20 fps, action
+    as training reads it (7-d delta or 10-d rotation-6d), readable by the lift_lowdim config."""
+    from test_robomimic_data import episodes as robomimic_episodes
+
+    from drifting_policy.data.demos import TASKS, write_lerobot_demos
+
+    eps = robomimic_episodes(3, abs_actions=abs_actions)
+    assert write_lerobot_demos(tmp_path / "lift", iter(eps), TASKS["lift"], "lift",
+                               image=False, abs=abs_actions) == 3
+    info = lr.read_info(tmp_path / "lift")
+    dim = 10 if abs_actions else 7
+    assert info["fps"] == 20 and info["features"]["action"]["shape"] == [dim]
+    buffer = lr.load_replay(tmp_path / "lift", ["action", "observation.robot0_eef_pos"])
+    np.testing.assert_allclose(buffer["action"][: len(eps[0]["actions"])], eps[0]["actions"],
+                               rtol=1e-6, atol=1e-6)
+    ds = load_dataset(OmegaConf.to_container(compose("train_policy", [
+        "task=lift_lowdim", f"task.dataset.path={tmp_path / 'lift'}",
+        f"task.abs_action={str(abs_actions).lower()}", f"task.action_dim={dim}"]
+    ).task.dataset, resolve=True))
+    assert ds[0]["obs"].shape == (16, 19) and ds[0]["action"].shape == (16, dim)
