@@ -87,18 +87,17 @@ class DriftingPolicy(PreTrainedPolicy):
 
     @torch.no_grad()
     def predict_action_chunk(self, batch: dict[str, Tensor], **kwargs) -> Tensor:
-        """batch {feature: [B, To, ...]} (normalised) -> [B, Ta, Da] normalised actions from one
-        network pass."""
-        return self.core.predict_action(self._obs(batch))["action"]
+        """The queued last To observations (see ``select_action``) -> [B, Ta, Da] normalised
+        actions from one network pass."""
+        stacked = {k: torch.stack(list(self._queues[k]), dim=1) for k in self.config.input_features}
+        return self.core.predict_action(self._obs(stacked))["action"]
 
     @torch.no_grad()
     def select_action(self, batch: dict[str, Tensor], **kwargs) -> Tensor:
         """batch {feature: [B, ...]} of the current step -> the next action [B, Da]; a new chunk
-        (one network pass) every Ta steps."""
+        (one network pass) every Ta steps. The first observation fills all To slots."""
         batch = {k: v for k, v in batch.items() if k != ACTION}
         self._queues = populate_queues(self._queues, batch)
         if not self._queues[ACTION]:
-            stacked = {k: torch.stack(list(self._queues[k]), dim=1)
-                       for k in self.config.input_features}
-            self._queues[ACTION].extend(self.predict_action_chunk(stacked).transpose(0, 1))
+            self._queues[ACTION].extend(self.predict_action_chunk(batch).transpose(0, 1))
         return self._queues[ACTION].popleft()
