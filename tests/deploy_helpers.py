@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
+from drifting_policy.checkpoint import write_checkpoint
+from drifting_policy.config import compose
 from drifting_policy.deploy.control_loop import Chunk
 from drifting_policy.nn.normalizer import LinearNormalizer
 from drifting_policy.policy import DiffusionConfig, DriftingConfig, make_policy
@@ -44,6 +47,15 @@ def policy(task: str = "pusht_lowdim", kind: str = "drifting", seed: int = 0):
             norm.set_image(k)
     p.set_normalizer(norm)
     return p.eval()
+
+
+def write_task_checkpoint(path, task, p):
+    """A training checkpoint of policy `p` whose train config holds the task (as `train` writes
+    it): what run / serve / export read."""
+    cfg = compose("train_policy", [f"task={task}"])
+    train_config = {"task": OmegaConf.to_container(cfg.task, resolve=True),
+                    "policy": p.config.to_dict()}
+    return write_checkpoint(path, train_config, p)
 
 
 def observation(p, seed: int = 0) -> dict[str, np.ndarray]:

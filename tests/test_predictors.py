@@ -5,13 +5,21 @@ through each; nothing non-finite comes out of any of them."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
 import pytest
 import torch
 import zmq
-from deploy_helpers import FakeClock, SimulatedInference, batched, observation, policy
+from deploy_helpers import (
+    FakeClock,
+    SimulatedInference,
+    batched,
+    observation,
+    policy,
+    write_task_checkpoint,
+)
 
 from drifting_policy.deploy.contract import NonFiniteError, check_obs, seeded_noise
 from drifting_policy.deploy.control_loop import LoopConfig, LoopStats, run_episode
@@ -137,6 +145,25 @@ def test_seeded_noise_is_what_predict_action_draws():
     ref = p.normalizer["action"].unnormalize(medoid(chunks))
     got = p.predict_action(obs, generator=torch.Generator().manual_seed(7), n_samples=4)
     torch.testing.assert_close(got["action_pred"], ref, rtol=0, atol=0)
+
+
+def test_eval_executes_the_medoid_of_k_samples(tmp_path):
+    """`drifting-policy eval --n-samples K` reaches predict_action through the runner."""
+    from drifting_policy.eval import evaluate
+
+    p = policy("pusht_lowdim")
+    ckpt = write_task_checkpoint(tmp_path / "ckpt", "pusht_lowdim", p)
+    asked, predict = [], p.predict_action
+
+    def recording(obs, **kw):
+        asked.append(kw.get("n_samples"))
+        return predict(obs, **kw)
+
+    p.predict_action = recording
+    r = evaluate(ckpt, tmp_path / "eval", n_test=1, n_envs=1, n_videos=0, policy=p,
+                 n_samples=3, progress=False)
+    assert r["n_samples"] == 3 and len(asked) >= 10 and set(asked) == {3}
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["n_samples"] == 3
 
 
 # ------------------------------------------------------------------------------ non-finite

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-from deploy_helpers import FakeClock, SimulatedInference, policy
+from deploy_helpers import FakeClock, SimulatedInference, policy, write_task_checkpoint
 
 from drifting_policy.deploy.contract import NonFiniteError
 from drifting_policy.deploy.control_loop import (
@@ -269,20 +269,6 @@ def test_nothing_is_sent_when_the_first_observation_or_chunk_is_not_finite():
             run_episode(robot, backend, LoopConfig(rate=100, lead=1, n_action_steps=2), 5, stats,
                         clock=clock, record=True)
         assert robot.count == 0 and stats.sent == []
-
-
-def write_task_checkpoint(path, task, p):
-    """A training checkpoint of policy `p` whose train config holds the task (as `train` writes
-    it): what run / serve / export read."""
-    from omegaconf import OmegaConf
-
-    from drifting_policy.checkpoint import write_checkpoint
-    from drifting_policy.config import compose
-
-    cfg = compose("train_policy", [f"task={task}"])
-    train_config = {"task": OmegaConf.to_container(cfg.task, resolve=True),
-                    "policy": p.config.to_dict()}
-    return write_checkpoint(path, train_config, p)
 
 
 def test_run_cli_in_process_through_a_server_and_with_onnxruntime(tmp_path):
