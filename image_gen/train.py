@@ -194,13 +194,17 @@ def generator_loss(
     validate: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One step's loss: G = s.gen_per_label samples per label from fresh noise and style, then
-    `guided_drift_loss`. labels Long[P], alpha [P], pos, unc on the generator's device."""
+    `guided_drift_loss`. labels Long[P], alpha [P], pos, unc on the generator's device in any
+    float dtype (the queues' storage dtype): they are cast to the generator output's dtype,
+    a no-op for bf16 queues under bf16 autocast, an upcast on the device in float32 training."""
     model = net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net
     g = s.gen_per_label
     noise, style = model.sample_inputs(len(labels) * g, labels.device, generator=noise_generator)
     gen = net(noise, labels.repeat_interleave(g), alpha.repeat_interleave(g), style,
               validate=validate)
     gen = gen.view(len(labels), g, *gen.shape[1:])
+    pos = pos.to(gen.dtype)
+    unc = None if unc is None else unc.to(gen.dtype)
     return guided_drift_loss(gen, pos, unc, alpha, encoder, s, all_reduce, validate)
 
 

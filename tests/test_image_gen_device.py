@@ -12,8 +12,9 @@ from torch.utils._pytree import tree_flatten
 
 from image_gen import loop as loop_mod
 from image_gen.bank import ClassQueues
+from image_gen.convnext import ConvNeXtFeatures
 from image_gen.dit import DiT
-from image_gen.features import freeze
+from image_gen.features import DriftFeatures, freeze
 from image_gen.loop import Dist, LoopConfig, StepTimer, run_loop
 from image_gen.mae import ResNetMAE
 from image_gen.sample import generate
@@ -48,13 +49,33 @@ def _tiny(device):
     return model, enc.to(device)
 
 
-def test_generator_step_makes_no_cpu_tensor_on_another_device():
-    model, enc = _tiny(META)
-    queues = ClassQueues(10, (1, 16, 16), per_class=8, global_size=20, dtype=torch.bfloat16,
+def _tiny_latent(device):
+    """A latent generator (4 x 8 x 8) with every feature part: MAE, ConvNeXt-V2 on the pixels
+    the (tiny, random) VAE decodes."""
+    import timm
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    model = DiT.from_preset("tiny", in_channels=4, input_size=8, patch_size=2, hidden=32,
+                            depth=1, heads=2, n_class_tokens=1, grad_checkpointing=True)
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
+                        norm_num_groups=4, layers_per_block=1, sample_size=16)
+    convnext = ConvNeXtFeatures(timm.create_model("convnextv2_atto", pretrained=False,
+                                                  num_classes=0), resolution=32)
+    mae = ResNetMAE(in_channels=4, width=4, stages=(1, 1), groups=2)
+    return model.to(device), freeze(DriftFeatures(mae, convnext, vae)).to(device)
+
+
+@pytest.mark.parametrize("build", [_tiny, _tiny_latent], ids=["mae", "mae+convnext+vae"])
+def test_generator_step_makes_no_cpu_tensor_on_another_device(build):
+    model, enc = build(META)
+    shape = (model.in_channels, model.input_size, model.input_size)
+    queues = ClassQueues(10, shape, per_class=8, global_size=20, dtype=torch.bfloat16,
                          device=META)
     s = DriftSettings(labels_per_step=4, gen_per_label=3, pos_per_sample=4, n_unc=2)
     ema = EMAModel(model.parameters(), decay=0.9, min_decay=0.9, foreach=True)
-    x = torch.randn(16, 1, 16, 16, device=META)
+    x = torch.randn(16, *shape, device=META)
     labels = torch.randint(0, 10, (16,), device=META)
     with CpuTensorLog() as log:
         queues.push(x, labels, validate=False)
