@@ -147,6 +147,24 @@ def test_seeded_noise_is_what_predict_action_draws():
     torch.testing.assert_close(got["action_pred"], ref, rtol=0, atol=0)
 
 
+def test_seeded_noise_is_drawn_on_the_cpu_whatever_the_policy_device():
+    """A GPU predictor must draw the same noise as the CPU / ONNX paths: LocalPredictor hands
+    predict_action a CPU generator and the observation on the policy's device (here `meta`)."""
+    p = policy("blockpush").to("meta")
+    seen = []
+
+    def capture(obs, generator=None, n_samples=1):
+        seen.append((generator.device.type, {k: v.device.type for k, v in obs.items()},
+                     torch.randn(2, generator=generator)))
+        return {"action_pred": torch.zeros(1, p.horizon, p.action_dim)}
+
+    p.predict_action = capture
+    LocalPredictor(p).predict(observation(policy("blockpush")), seed=3)
+    assert seen[0][:2] == ("cpu", {"obs": "meta"})
+    torch.testing.assert_close(seen[0][2], torch.randn(2, generator=torch.Generator()
+                                                       .manual_seed(3)))
+
+
 def test_eval_executes_the_medoid_of_k_samples(tmp_path):
     """`drifting-policy eval --n-samples K` reaches predict_action through the runner."""
     from drifting_policy.eval import evaluate
