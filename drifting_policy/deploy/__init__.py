@@ -11,6 +11,7 @@
     robot.py         GymRobot: a gymnasium env as a Robot
     run.py           `drifting-policy run`
 
-Imports go one way: contract <- protocol <- predictors <- server / control_loop <- robot, run
-(graph <- predictors, export). Nothing here is imported by the policy, data or rollout code.
+Imports go one way (tests/test_import_graph.py): contract <- protocol <- predictors <- server;
+graph <- predictors <- export; contract <- control_loop <- run; predictors, robot <- run. Nothing
+here is imported by the policy, data or rollout code.
 """
