@@ -12,11 +12,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from drifting_policy import train as train_module
+from drifting_policy.config import compose
+from drifting_policy.data.replay_buffer import ReplayBuffer
 from drifting_policy.nn.normalizer import LinearNormalizer
 from drifting_policy.nn.unet1d import ConditionalUnet1D
+from drifting_policy.policy import config_from_dict, make_policy
+from drifting_policy.train import TrainWorkspace
+from drifting_policy.train import _to as train_to
 
 pytestmark = [pytest.mark.usefixtures("single_thread"),
               pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")]
@@ -163,3 +170,168 @@ def test_unet_timestep_from_the_host_needs_no_copy():
     with DeviceGuard() as g:
         net(x, torch.full((3,), 5, device=META), cond)
     g.assert_clean()
+
+
+# ------------------------------------------------------------------------------ policies
+# (task, policy): lowdim and image, drifting and diffusion, each built from the training configs
+CASES = [("pusht_lowdim", "drifting"), ("pusht_lowdim", "diffusion"),
+         ("pusht_image", "drifting"), ("pusht_image", "diffusion")]
+TINY = ["size=cpu", "policy.down_dims=[16,32]", "policy.diffusion_step_embed_dim=16"]
+_RANDOM = ("rand", "normal", "uniform", "bernoulli")
+
+
+def _policy_cfg(task: str, policy: str, *extra: str):
+    return compose("train_policy", [f"task={task}", f"policy={policy}", *TINY, *extra])
+
+
+def _fitted_for(policy) -> LinearNormalizer:
+    """A normaliser fitted on the CPU (as the dataset's is) for `policy`'s keys."""
+    norm = LinearNormalizer()
+    for key, meta in policy.shape_meta["obs"].items():
+        if meta["type"] == "rgb":
+            norm.set_image(key)
+        else:
+            norm.fit({key: torch.rand(50, *meta["shape"]) * 512})
+    norm.fit({"action": torch.rand(50, policy.action_dim) * 512})
+    return norm
+
+
+def _meta_policy(task: str, policy: str):
+    # a 3-step DDPM loop: the same code as 100 steps, at a fraction of the guard's cost
+    cfg = _policy_cfg(task, policy, *(["policy.num_inference_steps=3"] * (policy == "diffusion")))
+    p = make_policy(config_from_dict(OmegaConf.to_container(cfg.policy, resolve=True)))
+    p = p.to(META)
+    p.set_normalizer(_fitted_for(p))
+    return p
+
+
+def _batch(policy, b: int = 3) -> dict:
+    """A training batch on meta: images as the dataset delivers them (uint8 To frames)."""
+    obs = {}
+    for key, meta in policy.shape_meta["obs"].items():
+        if meta["type"] == "rgb":
+            obs[key] = torch.zeros(b, policy.n_obs_steps, *meta["shape"], dtype=torch.uint8,
+                                   device=META)
+        else:
+            obs[key] = torch.zeros(b, policy.horizon, *meta["shape"], device=META)
+    action = torch.zeros(b, policy.horizon, policy.action_dim, device=META)
+    return {"obs": obs, "action": action}
+
+
+@pytest.mark.parametrize("task, policy", CASES)
+def test_policy_moved_then_given_a_normaliser_lives_on_the_device(task, policy):
+    """The contract: built from configs, .to(dev), then set_normalizer -> every parameter and
+    buffer on dev, and policy.device == dev."""
+    p = _meta_policy(task, policy)
+    assert not _on(p, META)
+    assert p.device == META
+
+
+@pytest.mark.parametrize("task, policy", CASES)
+def test_loss_and_backward_on_the_device_without_a_host_sync(task, policy):
+    p = _meta_policy(task, policy).train()
+    p.validate_drift = False  # as the trainer sets it: value checks are host syncs
+    with DeviceGuard(cpu_allowed=False) as g:
+        loss, info = p.compute_loss_and_info(_batch(p))
+        loss.backward()
+    g.assert_clean()
+    assert loss.device == META and all(v.device == META for v in info.values())
+    grads = [q.grad for q in p.model.parameters()]
+    assert all(gr is not None and gr.device == META for gr in grads)
+
+
+@pytest.mark.parametrize("task, policy", CASES)
+def test_predict_action_on_the_device_seeded_noise_drawn_on_the_generator(task, policy):
+    p = _meta_policy(task, policy).eval()
+    obs = _batch(p)["obs"]
+    # the diffusion schedulers keep their timesteps and tables on the CPU by design (host
+    # scalars for the device's kernels); nothing else may be built there
+    with DeviceGuard(cpu_allowed=policy == "diffusion") as g:
+        out = p.predict_action(obs)
+    g.assert_clean()
+    assert not g.uploads and out["action"].device == META  # unseeded: nothing from the host
+
+    draws = []
+
+    class Draws(DeviceGuard):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            if any(r in func.__name__ for r in _RANDOM):
+                draws.append(tree_leaves(out)[0].device.type)
+            return out
+
+    with Draws() as g:  # seeded: drawn on the CPU generator, then moved (same on every device)
+        out = p.predict_action(obs, generator=torch.Generator().manual_seed(0))
+    g.assert_clean()
+    assert draws and set(draws) == {"cpu"} and out["action"].device == META
+
+
+# ------------------------------------------------------------------------------ training
+@pytest.fixture(scope="module")
+def pusht_zarr(tmp_path_factory):
+    """Synthetic PushT episodes in Diffusion Policy's zarr layout (uint8 96x96 images)."""
+    rng = np.random.default_rng(0)
+    buf = ReplayBuffer.empty()
+    for n in (20, 24, 18):
+        buf.add_episode({"img": rng.integers(0, 256, (n, 96, 96, 3)).astype(np.uint8),
+                         "state": rng.uniform(0, 512, (n, 5)).astype(np.float32),
+                         "keypoint": rng.uniform(0, 512, (n, 9, 2)).astype(np.float32),
+                         "action": rng.uniform(0, 512, (n, 2)).astype(np.float32)})
+    path = tmp_path_factory.mktemp("data") / "pusht.zarr"
+    buf.save(path)
+    return path
+
+
+def _workspace(task, policy, data, run_dir, device, *extra) -> TrainWorkspace:
+    return TrainWorkspace(_policy_cfg(
+        task, policy, f"task.dataset.path={data}", f"run_dir={run_dir}", f"device={device}",
+        "logging.mode=disabled", "training.batch_size=4", "training.log_every=1000",
+        "task.dataset.val_ratio=0", *extra))
+
+
+def _state_devices(ws: TrainWorkspace) -> list[str]:
+    """Everything a training step touches that is not on meta (0-d step counters aside)."""
+    bad = _on(ws.policy, META) + [f"ema/{n}" for n in _on(ws.ema_policy, META)]
+    bad += [f"ema shadow {i}" for i, t in enumerate(ws.ema.shadow_params) if t.device != META]
+    for group in ws.optimizer.state.values():
+        bad += [f"optimizer {k}" for k, t in group.items()
+                if isinstance(t, torch.Tensor) and t.ndim > 0 and t.device != META]
+    return bad
+
+
+@pytest.mark.parametrize("task, policy", CASES)
+def test_training_step_and_resume_on_the_device(task, policy, pusht_zarr, tmp_path):
+    """A workspace with device=meta trains without a stray CPU tensor or a host sync, and so
+    does one resumed (weights, optimiser, EMA, RNG) from a checkpoint written on the CPU."""
+    cpu = _workspace(task, policy, pusht_zarr, tmp_path, "cpu")
+    cpu.train_step(next(iter(cpu.loader)))
+    cpu.step = 1
+    cpu.save("latest")
+
+    for ws in (_workspace(task, policy, pusht_zarr, tmp_path / "fresh", "meta"),
+               _workspace(task, policy, pusht_zarr, tmp_path, "meta", "resume=true")):
+        assert ws.policy.device == META
+        batch = next(iter(ws.loader))
+        with DeviceGuard(cpu_allowed=False) as g:
+            stats = ws.train_step(train_to(batch, META))
+        g.assert_clean()
+        assert all(v.device == META for v in stats.values())
+        assert not _state_devices(ws)
+    assert ws.step == 1 and ws.ema.optimization_step == 2  # resumed, then one more step
+
+
+def test_time_budget_is_broadcast_as_a_device_tensor(pusht_zarr, tmp_path, monkeypatch):
+    """Under DDP rank 0's decision travels in a tensor on the workspace's device (NCCL refuses
+    CPU tensors)."""
+    ws = _workspace("pusht_lowdim", "drifting", pusht_zarr, tmp_path, "meta")
+    seen = []
+
+    def broadcast(tensor, src):
+        seen.append(tensor.device)
+        raise InterruptedError  # stop before the value is read (meta holds none)
+
+    monkeypatch.setattr(train_module.dist, "broadcast", broadcast)
+    ws.world = 2
+    with pytest.raises(InterruptedError):
+        ws._out_of_time(60.0)
+    assert seen == [META]

@@ -42,8 +42,12 @@ class DiffusionPolicy(ChunkPolicy):
         self.num_inference_steps = num_inference_steps
 
     def sample(self, noise, cond, generator=None):
+        """The denoising loop. Timesteps stay on the CPU: the UNet fills them in on the device
+        and the scheduler indexes its CPU tables with them, so no step waits for the device.
+        The scheduler's noise is drawn on `generator`'s device (a CPU generator gives the same
+        noise whatever the policy's device)."""
         sched = self.inference_scheduler
-        sched.set_timesteps(self.num_inference_steps, device=noise.device)
+        sched.set_timesteps(self.num_inference_steps)
         x = noise
         for t in sched.timesteps:
             out = self.model(x, t, cond)
