@@ -79,8 +79,9 @@ class ClassQueues:
         n = x.shape[0]
         if n == 0:
             return
-        labels = labels.to(self.device, torch.long, non_blocking=True)
-        x = x.detach().to(self.device, self.items.dtype, non_blocking=True)
+        # copy first, convert on the device: an asynchronous copy from pinned host memory
+        labels = labels.to(self.device, non_blocking=True).long()
+        x = x.detach().to(self.device, non_blocking=True).to(self.items.dtype)
         if validate:
             self._check_labels(labels)
         k = self.per_class

@@ -54,9 +54,9 @@ def _loss(net, enc, tables, job):
     return loss, labels, alpha
 
 
-def _cfg(out, *extra):
+def _cfg(out, *extra):  # DDP through checkpointed DiT blocks, as the latent configs run
     return compose("image_gen/digits", [f"train.out={out}", *TINY, "drift.labels_per_step=4",
-                                        *extra])
+                                        "+model.overrides.grad_checkpointing=true", *extra])
 
 
 def _rank(rank, world, port, root):
