@@ -1,5 +1,6 @@
-"""The image trainer: queues, training-time CFG, DDP parity, ImageFolder + latent cache, exact
-resume, train -> sample, FID errors and the count-params CLI."""
+"""The image trainer: queues (against a deque reference), training-time CFG, ImageFolder + latent
+cache, per-rank checkpoints and exact resume, train -> sample, FID errors and the count-params
+CLI. Data parallelism: test_image_gen_dist.py; device placement: test_image_gen_device.py."""
 
 import json
 
