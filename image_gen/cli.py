@@ -2,7 +2,8 @@
 
   image-gen train-mae     [--config mae_latent] [key=value ...]  train the ResNet-MAE encoder
   image-gen cache-latents --data ROOT --vae DIR --out DIR        SD-VAE latents (+ flips), resumable
-  image-gen train         [--config latent_b2] [key=value ...]   train the generator (torchrun ok)
+  image-gen train         [--config latent_b2] [key=value ...]   train the generator (torchrun ok;
+                                                                  rerun to resume, same GPU count)
   image-gen sample        --checkpoint DIR --alpha A --n N --out DIR [--vae DIR]
   image-gen fid           --samples NPZ --reference NPZ --inception FILE
   image-gen demo          [--quick] --out DIR                    CPU demo on sklearn digits
