@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from drifting_policy.data.sampler import EpochBatchSampler
+from drifting_policy.nn.normalizer import LinearNormalizer
+from drifting_policy.policy import DriftingConfig, make_policy
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -44,3 +48,92 @@ def test_resume_with_another_world_size_is_refused():
         EpochBatchSampler(16, 2, seed=0).load_state_dict(state)
     with pytest.raises(ValueError, match="rank: expected 0..1, got 2"):
         EpochBatchSampler(16, 2, seed=0, rank=2, world=2)
+
+
+# ------------------------------------------------------------------------------ drift statistics
+LOWDIM = {"obs": {"obs": {"shape": [6], "type": "low_dim"}}, "action": {"shape": [2]}}
+B, G, WORLD = 8, 4, 2
+NORMALIZE = ("per_group", "global")
+
+
+def _policy(normalize: str):
+    """A small drifting policy, the same weights in every process."""
+    torch.manual_seed(0)
+    p = make_policy(DriftingConfig(shape_meta=LOWDIM, horizon=8, n_obs_steps=2, n_action_steps=4,
+                                   down_dims=(16, 32), diffusion_step_embed_dim=16,
+                                   gen_per_obs=G, normalize=normalize))
+    norm = LinearNormalizer()
+    norm.set_identity("obs", 6)
+    norm.set_identity("action", 2)
+    p.set_normalizer(norm)
+    p.validate_drift = False
+    return p
+
+
+class FixedNoise(torch.nn.Module):
+    """The policy's UNet fed given noise rows instead of a fresh draw, so one process and the
+    ranks use the same noise for the same observation (row b * G + g belongs to observation b)."""
+
+    def __init__(self, net: torch.nn.Module, noise: torch.Tensor) -> None:
+        super().__init__()
+        self.net, self.noise = net, noise
+
+    def forward(self, noise, t, cond):
+        return self.net(self.noise, t, cond)
+
+
+def _global_batch() -> tuple[dict, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    batch = {"obs": torch.randn(B, 8, 6, generator=g), "action": torch.randn(B, 8, 2, generator=g)}
+    return batch, torch.randn(B * G, 8, 2, generator=g)
+
+
+def _loss_and_grads(policy, batch, noise, model=None) -> dict:
+    policy.model = FixedNoise(policy.model, noise)
+    loss, info = (model or policy)(batch)
+    loss.backward()
+    grads = {n: q.grad.clone() for n, q in policy.model.net.named_parameters()}
+    return {"loss": loss.detach(), "scale": info["scale"], "grads": grads}
+
+
+def _worker(rank: int, init: str, out: str) -> None:
+    """One rank: its half of the global batch under DDP, drift statistics all-reduced or not."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=WORLD)
+    batch, noise = _global_batch()
+    n = B // WORLD
+    mine = {k: v[rank * n : (rank + 1) * n] for k, v in batch.items()}
+    results = {}
+    for normalize in NORMALIZE:
+        for reduce in (True, False):
+            p = _policy(normalize)
+            p.all_reduce_drift = reduce
+            ddp = torch.nn.parallel.DistributedDataParallel(p, broadcast_buffers=False)
+            results[normalize, reduce] = _loss_and_grads(
+                p, mine, noise[rank * n * G : (rank + 1) * n * G], model=ddp)
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(240)
+def test_ddp_drift_statistics_match_one_process_on_the_global_batch(tmp_path):
+    """Two gloo ranks with half the batch each train exactly what one process trains on the
+    whole batch (loss, gradients, scale) once the drift statistics are all-reduced; without the
+    all-reduce they do not (the per-rank scale and lambdas change the objective)."""
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    batch, noise = _global_batch()
+    for normalize in NORMALIZE:
+        one = _loss_and_grads(_policy(normalize), batch, noise)
+        synced = [r[normalize, True] for r in ranks]
+        loss = sum(r["loss"] for r in synced) / WORLD  # DDP averages the ranks' gradients
+        torch.testing.assert_close(loss, one["loss"], rtol=1e-5, atol=1e-7)
+        for r in synced:
+            torch.testing.assert_close(r["scale"], one["scale"], rtol=1e-5, atol=1e-7)
+            for name, grad in one["grads"].items():
+                torch.testing.assert_close(r["grads"][name], grad, rtol=1e-4, atol=1e-6,
+                                           msg=f"{normalize}: {name}")
+        local = ranks[0][normalize, False]
+        assert not torch.allclose(local["scale"], one["scale"], rtol=1e-3)
+        assert any(not torch.allclose(local["grads"][k], g, rtol=1e-3, atol=1e-5)
+                   for k, g in one["grads"].items())
