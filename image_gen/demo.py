@@ -2,13 +2,21 @@
 
 The same code path as ImageNet (configs/image_gen/digits*.yaml): a tiny ResNet-MAE is trained
 first (masked L2 + class fine-tune), then a tiny DiT with per-class queues, training-time CFG and
-the feature-space drift loss through that frozen encoder. The generator trains on half "a" of the
-digits; quality is the proxy FD (Frechet distance in a small CNN classifier's features) of as many
-samples as half "b" holds, with b's labels, against half b, reported next to
+the feature-space drift loss through that frozen encoder. Two recipes, as the paper's two models:
+- latent-style (proxy_fd): the MAE runs on the 16x16 samples as they are (the latent MAE on
+  32x32x4 latents);
+- pixel (proxy_fd_pixel): the MAE first rearranges 2x2 pixel cells into channels (8x8x4 grid,
+  configs/image_gen/digits_mae_pixel.yaml), the release pixel MAE's space-to-depth by 8 of
+  256x256 images, scaled down; ConvNeXt-V2 features need ImageNet weights and are not part of the
+  demo.
+The generators train on half "a" of the digits; quality is the proxy FD (Frechet distance in a
+small CNN classifier's features) of as many samples as half "b" holds, with b's labels, against
+half b, reported next to
 - proxy_fd_real_baseline: half a against half b (a generator that reproduced its training set);
 - proxy_fd_raw_only: the same training with encoder None (raw-pixel features only);
 - proxy_fd_broken_antisymmetry: the same training with attraction_scale 1.5 (paper's ablation).
-Outputs: <out>/samples.png (row = class), <out>/metrics.json, checkpoints under <out>/.
+Outputs: <out>/samples.png and <out>/samples_pixel.png (row = class), <out>/metrics.json,
+checkpoints under <out>/.
 Rerunning resumes finished or interrupted trainings from their checkpoints.
 """
 
@@ -75,33 +83,38 @@ def run_demo(out: str | Path = "outputs/image_gen_demo", quick: bool = False,
     half_a, half_b, everything = Digits(part="a", seed=seed), Digits(part="b", seed=seed), Digits()
     classifier = train_digits_classifier(everything.x, everything.y, b.classifier_epochs, seed)
 
-    mae = train_mae(compose("image_gen/digits_mae", [
-        f"train.out={out / 'mae'}", f"train.steps={b.mae_steps}",
+    maes = {name: train_mae(compose(f"image_gen/{name}", [
+        f"train.out={out / name.replace('digits_', '')}", f"train.steps={b.mae_steps}",
         f"mae_train.cls_steps={b.mae_cls_steps}", f"seed={seed}"]))
+        for name in ("digits_mae", "digits_mae_pixel")}
+    mae = maes["digits_mae"]
     runs = {"": (b.gen_steps, [f"encoder.path={mae}"]),
+            "_pixel": (b.gen_steps, [f"encoder.path={maes['digits_mae_pixel']}"]),
             "_raw_only": (b.ablation_steps, ["encoder.path=null"])}
     if ablations:
         runs["_broken_antisymmetry"] = (b.ablation_steps, [f"encoder.path={mae}",
                                                            "drift.attraction_scale=1.5"])
     metrics: dict = {"proxy_fd_real_baseline": proxy_fd(classifier, half_a.x, half_b.x),
                      "real_accuracy_heldout": accuracy(classifier, half_b.x, half_b.y)}
-    samples = None
+    samples = {}
     for suffix, (steps, overrides) in runs.items():
         ckpt = _train_generator(out / f"generator{suffix}", steps,
                                 [f"seed={seed}", *overrides])
         scores, x = _evaluate(ckpt, classifier, half_b, ALPHAS if suffix == "" else (1.0,))
         metrics[f"proxy_fd{suffix}"] = scores[1.0][0]
         metrics[f"class_accuracy{suffix}"] = scores[1.0][1]
+        samples[suffix] = x
         if suffix == "":
-            samples = x
             metrics["proxy_fd_by_alpha"] = {str(a): s[0] for a, s in scores.items()}
             metrics["class_accuracy_by_alpha"] = {str(a): s[1] for a, s in scores.items()}
     cfg = compose("image_gen/digits")
-    images = to_images(samples, cfg)
-    save_png(grid(images, half_b.y.numpy(), rows=10, per_row=12), out / "samples.png")
+    for suffix in ("", "_pixel"):
+        images = to_images(samples[suffix], cfg)
+        save_png(grid(images, half_b.y.numpy(), rows=10, per_row=12),
+                 out / f"samples{suffix}.png")
     metrics.update({"budget": asdict(b), "quick": quick, "seed": seed,
                     "n_eval": len(half_b), "minutes": (time.monotonic() - t0) / 60,
                     "torch_threads": torch.get_num_threads()})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    np.save(out / "samples_alpha1.npy", samples.numpy())
+    np.save(out / "samples_alpha1.npy", samples[""].numpy())
     return metrics

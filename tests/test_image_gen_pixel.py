@@ -338,3 +338,22 @@ def test_pixel_configs_run_the_release_recipe_end_to_end(tmp_path, capsys):
                                               "+model.overrides.in_channels=3",
                                               "+model.overrides.patch_size=8",
                                               "+model.overrides.num_classes=2"]))
+
+
+def test_digits_demo_writes_both_recipes(tmp_path, monkeypatch):
+    """`image-gen demo` at a toy budget: the latent-style and the pixel (space-to-depth MAE) runs
+    and the raw-only ablation, their proxy FDs in metrics.json, and both sample grids."""
+    from image_gen import demo
+
+    monkeypatch.setattr(demo, "QUICK", demo.Budget(mae_steps=2, mae_cls_steps=1, gen_steps=2,
+                                                   ablation_steps=2, classifier_epochs=1))
+    metrics = demo.run_demo(tmp_path, quick=True, ablations=False)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("proxy_fd", "proxy_fd_pixel", "proxy_fd_raw_only", "proxy_fd_real_baseline"):
+        assert np.isfinite(saved[key]) and saved[key] == metrics[key]
+    assert "proxy_fd_broken_antisymmetry" not in saved
+    assert compose("image_gen/digits_mae_pixel").mae.input_patch == 2  # the pixel run's MAE
+    assert (tmp_path / "mae_pixel").is_dir() and (tmp_path / "generator_pixel").is_dir()
+    for name in ("samples.png", "samples_pixel.png"):
+        with Image.open(tmp_path / name) as im:
+            assert im.size[0] >= 256
