@@ -3,14 +3,23 @@ and gradients under DistributedDataParallel against one process holding the whol
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from drifting_policy import checkpoint as ckpt
+from drifting_policy.config import compose
+from drifting_policy.data.replay_buffer import ReplayBuffer
 from drifting_policy.data.sampler import EpochBatchSampler
 from drifting_policy.nn.normalizer import LinearNormalizer
 from drifting_policy.policy import DriftingConfig, make_policy
+from drifting_policy.train import TrainWorkspace
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -137,3 +146,36 @@ def test_ddp_drift_statistics_match_one_process_on_the_global_batch(tmp_path):
         assert not torch.allclose(local["scale"], one["scale"], rtol=1e-3)
         assert any(not torch.allclose(local["grads"][k], g, rtol=1e-3, atol=1e-5)
                    for k, g in one["grads"].items())
+
+
+# ------------------------------------------------------------------------------ checkpoints
+@pytest.mark.timeout(300)
+def test_torchrun_checkpoint_holds_each_ranks_rng_and_resume_checks_the_world(tmp_path):
+    """Two gloo ranks (with a time budget: rank 0's decision is broadcast every log step) write
+    one checkpoint holding both ranks' RNG states; resuming it in one process is refused."""
+    rng = np.random.default_rng(0)
+    buf = ReplayBuffer.empty()
+    for n in (20, 24, 18):
+        buf.add_episode({"state": rng.uniform(0, 512, (n, 5)).astype(np.float32),
+                         "keypoint": rng.uniform(0, 512, (n, 9, 2)).astype(np.float32),
+                         "action": rng.uniform(0, 512, (n, 2)).astype(np.float32)})
+    buf.save(tmp_path / "pusht.zarr")
+    overrides = [
+        "policy=drifting", f"run_dir={tmp_path / 'run'}",
+        f"task.dataset.path={tmp_path / 'pusht.zarr'}", "device=cpu", "logging.mode=disabled",
+        "policy.down_dims=[16,32]",
+        "policy.diffusion_step_embed_dim=16", "training.batch_size=4", "training.num_steps=2",
+        "training.rollout_every=0", "training.checkpoint_every=2", "training.val_every=0",
+        "training.log_every=1", "training.max_minutes=60",
+    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29531", "-m", "drifting_policy.cli", "train", *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    latest = tmp_path / "run" / "checkpoints" / "latest"
+    state = ckpt.load_train_state(latest)
+    assert state["step"] == 2 and len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # seed + rank
+    with pytest.raises(ValueError, match="written by 2 ranks, this run has 1"):
+        TrainWorkspace(compose("train_policy", [*overrides, "resume=true"]))
