@@ -288,6 +288,25 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     assert not any(p.name.startswith(".") for p in resumed.parent.iterdir())  # nothing staged
 
 
+def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    from image_gen import checkpoint as ckpt_mod
+
+    path = train(_digits_cfg(tmp_path, "train.steps=3", "train.stop_after=1"))
+    before = {p.name: p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(ckpt_mod, "save_file", disk_full)  # fails after the rank file
+    with pytest.raises(OSError, match="No space left"):
+        train(_digits_cfg(tmp_path, "train.steps=3", "train.stop_after=1"))
+    assert {p.name: p.read_bytes() for p in path.rglob("*") if p.is_file()} == before
+    assert not any(p.name.startswith(".checkpoint.tmp") for p in tmp_path.iterdir())
+    monkeypatch.undo()
+    resumed = train(_digits_cfg(tmp_path, "train.steps=3"))
+    assert json.loads((resumed / "meta.json").read_text())["step"] == 3
+
+
 def test_checkpoint_of_another_world_size_or_layout_is_refused(tmp_path):
     cfg = _digits_cfg(tmp_path, "train.steps=2", "train.stop_after=1")
     path = train(cfg)
