@@ -46,8 +46,12 @@ def _staging(path: Path) -> Path:
 
 
 def _barrier(device: torch.device) -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier(device_ids=[device.index]) if device.type == "cuda" else dist.barrier()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if device.type == "cuda":  # NCCL: name the rank's GPU
+        dist.barrier(device_ids=[device.index])
+    else:
+        dist.barrier()
 
 
 def _cpu(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -87,7 +91,7 @@ def write_checkpoint(
                 save_file(_cpu(ema), str(tmp / EMA))
             torch.save({**state, "world": world}, tmp / STATE)
             (tmp / META).write_text(json.dumps({**(meta or {}), "world": world}, indent=1))
-            for r in range(world):  # stale files of another world size stay behind
+            for r in range(world):  # only this world's ranks (a crashed run's extras are dropped)
                 os.replace(staging / rank_file(r), tmp / RANKS / rank_file(r))
         shutil.rmtree(_staging(path), ignore_errors=True)
     _barrier(device)  # nobody reads or rewrites the checkpoint before it is published
