@@ -9,6 +9,8 @@ in those paths.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -335,3 +337,29 @@ def test_time_budget_is_broadcast_as_a_device_tensor(pusht_zarr, tmp_path, monke
     with pytest.raises(InterruptedError):
         ws._out_of_time(60.0)
     assert seen == [META]
+
+
+def test_host_copies_only_on_log_steps_and_bf16_autocast(pusht_zarr, tmp_path, monkeypatch):
+    """The run loop reads the step's statistics (one host copy) only on logging steps; with
+    training.precision=bf16 the networks run under bf16 autocast (CPU autocast here) while the
+    drift loss stays float32."""
+    copies, dtypes = [], []
+    real_host = train_module._host
+    monkeypatch.setattr(train_module, "_host", lambda v: copies.append(1) or real_host(v))
+    ws = _workspace("pusht_lowdim", "drifting", pusht_zarr, tmp_path, "cpu",
+                    "training.precision=bf16", "training.num_steps=6", "training.log_every=3",
+                    "training.val_every=0", "training.rollout_every=0",
+                    "training.checkpoint_every=0")
+    assert ws.bf16
+    ws.policy.model.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    ws.run()
+    assert len(copies) == 2 and ws.step == 6
+    assert set(dtypes) == {torch.bfloat16}
+    logs = [json.loads(x) for x in (tmp_path / "logs.jsonl").read_text().splitlines()]
+    losses = [r for r in logs if "train/loss" in r]
+    assert [r["step"] for r in losses] == [3, 6] and all(np.isfinite(r["train/loss"])
+                                                         for r in losses)
+    assert ws.train_step(next(iter(ws.loader)))["loss"].dtype == torch.float32
+    with pytest.raises(ValueError, match="training.precision: expected one of"):
+        _workspace("pusht_lowdim", "drifting", pusht_zarr, tmp_path, "cpu",
+                   "training.precision=fp16")
