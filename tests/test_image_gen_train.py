@@ -159,6 +159,23 @@ def test_alpha_follows_power_law_and_no_cfg_fraction(power):
     assert abs(float((b == 1.0).float().mean()) - 0.3) < 0.02
 
 
+def test_drift_settings_name_the_bad_key():
+    from omegaconf import OmegaConf
+
+    from image_gen.train import DriftSettings
+
+    for bad, match in (({"alpha_min": 0.5}, "drift.alpha_min: expected a guidance scale >= 1"),
+                       ({"prefill_min_per_class": 0}, "drift.prefill_min_per_class"),
+                       ({"labels": 3}, r"drift: unknown keys \['labels'\]")):
+        with pytest.raises(ValueError, match=match):
+            DriftSettings.from_cfg(OmegaConf.create(bad))
+    s = DriftSettings.from_cfg(OmegaConf.create({"labels_per_step": 64}))
+    assert [s.labels_per_rank(w) for w in (1, 2, 8, 64)] == [64, 32, 8, 1]
+    for world in (3, 128):
+        with pytest.raises(ValueError, match=f"multiple of the world size {world}"):
+            s.labels_per_rank(world)
+
+
 # ---------------------------------------------------------------- ImageFolder + latent cache
 
 
