@@ -135,7 +135,8 @@ def feature_stats(x: np.ndarray, image: bool = False) -> dict[str, np.ndarray]:
 
 class _StatsAccumulator:
     """Dataset statistics from per-episode arrays, kept until the end for exact quantiles
-    (images: every 4th pixel row and column of every frame, plenty for per-channel stats)."""
+    (images: every 5th frame, every 4th pixel row and column — plenty for per-channel stats,
+    ~1/80 of the pixels in memory)."""
 
     def __init__(self) -> None:
         self.parts: dict[str, list[np.ndarray]] = {}
@@ -145,7 +146,7 @@ class _StatsAccumulator:
         """Store x [L, ...]; returns what was stored (the subsampled frames for images)."""
         if image:
             self.images.add(name)
-            x = x[:, ::4, ::4]
+            x = x[::5, ::4, ::4]
         self.parts.setdefault(name, []).append(x)
         return x
 
