@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 DEMO_OUT ?= outputs/demo
 IMAGE_DEMO_OUT ?= outputs/image_gen_demo
 
-.PHONY: venv demo image-demo test test-slow lint bench clean venv-lerobot
+.PHONY: venv demo image-demo test test-slow lint bench gpu-check clean venv-lerobot
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,6 +36,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/drift_overhead.py --out benchmarks/results/drift_overhead.json
+
+# one GPU, no network: the machine's own python/torch from the source tree (no venv), ~5 min;
+# writes benchmarks/results/gpu_check_gpu.json (`GPU_CHECK_ARGS=--cpu-smoke`: tiny, on the CPU)
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHONPATH=. $(GPU_PYTHON) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 # LeRobot 0.4.4 and the lerobot_policy_drifting plugin in their own virtualenv (LeRobot pins
 # huggingface-hub<0.36; this project's diffusers needs >=1): lerobot --no-deps next to the
