@@ -74,6 +74,9 @@ class DriftingConfig(PreTrainedConfig):
     normalize: str = "per_group"
     temperatures: tuple[float, ...] = (0.02, 0.05, 0.2)
     affinity_floor: float = 1e-6
+    # test-time selection: K chunks per observation in the same single pass, the medoid executed
+    n_samples: int = 1
+    select: str = "medoid"
 
     # training presets (this project's train_policy.yaml)
     optimizer_lr: float = 1e-4
@@ -90,6 +93,8 @@ class DriftingConfig(PreTrainedConfig):
             raise ValueError(f"drop_n_last_frames: expected horizon - n_action_steps - "
                              f"n_obs_steps + 1 = {expected} (this project's window rule), got "
                              f"{self.drop_n_last_frames}")
+        if self.n_samples < 1:
+            raise ValueError(f"n_samples: expected >= 1, got {self.n_samples}")
         self.core_config(validate_only=True)
 
     def core_config(self, validate_only: bool = False) -> CoreConfig:

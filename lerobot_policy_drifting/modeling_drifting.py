@@ -88,9 +88,11 @@ class DriftingPolicy(PreTrainedPolicy):
     @torch.no_grad()
     def predict_action_chunk(self, batch: dict[str, Tensor], **kwargs) -> Tensor:
         """The queued last To observations (see ``select_action``) -> [B, Ta, Da] normalised
-        actions from one network pass."""
+        actions from one network pass (``config.n_samples`` > 1: that many candidates in the
+        same pass, the ``config.select`` one returned)."""
         stacked = {k: torch.stack(list(self._queues[k]), dim=1) for k in self.config.input_features}
-        return self.core.predict_action(self._obs(stacked))["action"]
+        return self.core.predict_action(self._obs(stacked), n_samples=self.config.n_samples,
+                                        select=self.config.select)["action"]
 
     @torch.no_grad()
     def select_action(self, batch: dict[str, Tensor], **kwargs) -> Tensor:

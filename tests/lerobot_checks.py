@@ -102,6 +102,11 @@ def check_policy(ckpt: str, data: str) -> dict:
     for _ in range(2 * policy.config.n_action_steps):
         actions.append(post(policy.select_action(pre(dict(obs)))).tolist())
     network_calls = len(calls)
+    policy.config.n_samples = 4  # medoid of 4 candidates: still one pass per chunk
+    policy.reset()
+    for _ in range(policy.config.n_action_steps):
+        medoid_action = post(policy.select_action(pre(dict(obs)))).tolist()
+    medoid_calls = len(calls) - network_calls
 
     # the windows lerobot-train draws: every frame of each episode but its last drop_n_last
     episodes = meta.episodes
@@ -134,7 +139,8 @@ def check_policy(ckpt: str, data: str) -> dict:
     garbled["action_is_pad"] = torch.zeros_like(pad)
     torch.manual_seed(0)
     loss_unmasked = policy.forward(garbled)[0].item()
-    return {"network_calls": network_calls, "actions": actions, "windows": len(sampler),
+    return {"network_calls": network_calls, "medoid_calls": medoid_calls,
+            "medoid_action": medoid_action, "actions": actions, "windows": len(sampler),
             "stats": stats, "padded_steps": int(pad.sum()), "loss": loss,
             "loss_garbled_padding": loss_garbled, "loss_garbled_unmasked": loss_unmasked}
 

@@ -94,6 +94,7 @@ def test_lerobot_train_resume_and_policy(data):
     got = run_check("policy", out / "checkpoints" / "last" / "pretrained_model", lowdim)
     assert got["network_calls"] == 2  # 16 steps, Ta = 8: one network pass per chunk
     assert np.asarray(got["actions"]).shape == (16, 1, 2)
+    assert got["medoid_calls"] == 1 and np.asarray(got["medoid_action"]).shape == (1, 2)
     # padded action steps are outside the drift problems: garbling them changes nothing
     assert got["padded_steps"] > 0
     assert got["loss_garbled_padding"] == pytest.approx(got["loss"], rel=1e-6)
