@@ -277,3 +277,26 @@ def test_robomimic_demos_in_lerobot_format(tmp_path, abs_actions):
         f"task.abs_action={str(abs_actions).lower()}", f"task.action_dim={dim}"]
     ).task.dataset, resolve=True))
     assert ds[0]["obs"].shape == (16, 19) and ds[0]["action"].shape == (16, dim)
+
+
+def test_robomimic_image_file_to_lerobot_videos(tmp_path):
+    """lift_image from LeRobot: both cameras become videos and feed the same windows."""
+    from test_robomimic_data import episodes as robomimic_episodes
+
+    from drifting_policy.data.robomimic_hdf5 import write_hdf5
+
+    write_hdf5(tmp_path / "lift.hdf5", iter(robomimic_episodes(3, image=True)), image=True)
+    convert(tmp_path / "lift.hdf5", tmp_path / "lift")
+    info = lr.read_info(tmp_path / "lift")
+    for camera in ("agentview_image", "robot0_eye_in_hand_image"):
+        assert info["features"][f"observation.images.{camera}"]["dtype"] == "video"
+    built = [load_dataset(OmegaConf.to_container(compose("train_policy", [
+        "task=lift_image", f"task.dataset.path={p}"]).task.dataset, resolve=True))
+        for p in (tmp_path / "lift.hdf5", tmp_path / "lift")]
+    assert len(built[0]) == len(built[1]) > 0
+    a, b = built[0][3], built[1][3]
+    assert torch.equal(a["action"], b["action"])
+    for key, value in a["obs"].items():
+        assert value.shape == b["obs"][key].shape and value.dtype == b["obs"][key].dtype, key
+        if value.dtype != torch.uint8:  # low-dim (the To steps read): exact; frames: lossy
+            assert torch.equal(value[:2], b["obs"][key][:2]), key
