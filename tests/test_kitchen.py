@@ -10,7 +10,14 @@ import pytest
 
 import envs.kitchen  # noqa: F401  (registers Kitchen-v0)
 from envs.kitchen.env import ALL_TASKS, MAX_EPISODE_STEPS, KitchenEnv, d4rl_obs
-from envs.kitchen.expert import PLANNERS, collect_episode, draw_tasks, run_expert
+from envs.kitchen.expert import (
+    DOORS,
+    MAX_DOORS,
+    PLANNERS,
+    collect_episode,
+    draw_tasks,
+    run_expert,
+)
 from envs.kitchen.metrics import kitchen_metrics
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -157,6 +164,27 @@ def test_expert_switches_the_light_and_its_actions_replay_exactly():
     env.close()
 
 
+@pytest.mark.parametrize("task, joint, reached", [
+    ("microwave", 22, lambda q: q <= D4RL_GOALS["microwave"][0] + 0.3),
+    ("hinge cabinet", 21, lambda q: q >= D4RL_GOALS["hinge cabinet"][1] - 0.3)])
+def test_expert_hooks_a_door_handle_and_swings_the_door_open(task, joint, reached):
+    """The doors: closed fingers hooked behind the handle bar pull the door along its arc
+    (the fingers never open), and the recorded actions replay the episode."""
+    env = KitchenEnv()
+    ep = run_expert(env, seed=0, tasks=[task])
+    assert ep["completed"] == [task] and ep["reward"].sum() == 1.0
+    assert reached(env.data.qpos[joint]), env.data.qpos[joint]
+    T = len(ep["action"])
+    assert T < 150 and np.abs(ep["action"]).max() <= 1.0
+    np.testing.assert_array_equal(ep["action"][:, 7:], -1.0)  # a hook, not a grasp
+    obs, _ = env.reset(seed=0)
+    for t in range(T):
+        np.testing.assert_allclose(obs, ep["obs"][t], atol=1e-5)
+        obs, *_ = env.step(ep["action"][t])
+    assert env.completed() == [task]
+    env.close()
+
+
 def test_rendering_is_small_and_shows_the_scene():
     env = KitchenEnv(render_size=(48, 64))
     env.reset(seed=0)
@@ -202,10 +230,39 @@ def test_task_config_trains_and_its_runner_reports_p_n(tmp_path: Path):
 
 
 def test_expert_completes_four_subtasks_in_a_seeded_order():
-    ep = collect_episode(1)
-    assert ep["success"] and ep["metrics"] == {"p1": 1.0, "p2": 1.0, "p3": 1.0, "p4": 1.0}
-    assert ep["obs"].shape[1:] == (60,) and len(ep["obs"]) == len(ep["action"]) <= 280
-    plans = [tuple(draw_tasks(np.random.default_rng(seed))) for seed in range(20)]
+    ep = collect_episode(0)
+    assert ep["success"] and len(ep["obs"]) == len(ep["action"]) <= 280
+    assert ep["obs"].shape[1:] == (60,)
+    plan = draw_tasks(np.random.default_rng(0))
+    metrics = ep["metrics"]
+    assert {k: metrics[k] for k in ("p1", "p2", "p3", "p4")} == dict.fromkeys(
+        ("p1", "p2", "p3", "p4"), 1.0)
+    # per-sub-task report for all seven: tried = in the plan, done = completed
+    assert {t for t in ALL_TASKS if metrics[f"{t} tried"]} == set(plan)
+    assert {t for t in ALL_TASKS if metrics[f"{t} done"]} == set(plan)
+    assert len(metrics) == 4 + 2 * len(ALL_TASKS)
+    plans = [tuple(draw_tasks(np.random.default_rng(seed))) for seed in range(40)]
     assert all(len(set(p)) == 4 and set(p) <= set(PLANNERS) for p in plans)
-    assert len(set(plans)) >= 10  # seeds choose different sub-tasks and orders: multimodal demos
-    assert len({p[0] for p in plans}) >= 3
+    assert set(PLANNERS) == set(ALL_TASKS)  # the expert covers all seven sub-tasks
+    assert all(sum(t in DOORS for t in p) <= MAX_DOORS for p in plans)
+    assert {t for p in plans for t in p} == set(ALL_TASKS)
+    assert len(set(plans)) >= 30  # seeds choose different sub-tasks and orders: multimodal demos
+    assert len({p[0] for p in plans}) >= 5
+
+
+@pytest.mark.slow
+def test_expert_completes_every_subtask_across_episodes():
+    """20 seeded episodes: every one of the seven sub-tasks is completed somewhere, most
+    attempted sub-tasks succeed, and most episodes finish all four within 280 steps."""
+    done = dict.fromkeys(ALL_TASKS, 0.0)
+    tried = dict.fromkeys(ALL_TASKS, 0.0)
+    p4 = 0.0
+    for seed in range(20):
+        metrics = collect_episode(seed)["metrics"]
+        p4 += metrics["p4"] / 20
+        for task in ALL_TASKS:
+            done[task] += metrics[f"{task} done"]
+            tried[task] += metrics[f"{task} tried"]
+    assert all(done[t] >= 1 for t in ALL_TASKS), done
+    assert sum(done.values()) / sum(tried.values()) >= 0.8
+    assert p4 >= 0.5

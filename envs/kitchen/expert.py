@@ -1,12 +1,15 @@
 """Scripted Franka Kitchen expert (privileged: reads the MuJoCo state) and the demo recorder.
 
-Each episode draws an ordered choice of `N_SUBTASKS` (4) of the expert's five sub-tasks (kettle,
-bottom burner, top burner, light switch, slide cabinet) with a seeded RNG: 120 possible orders,
-so the demos are multimodal like D4RL's. Each sub-task is a short list of end-effector
-waypoints computed from the objects' current poses: in front of the knob / lever / handle /
-kettle, engage (grasp the knob, touch the lever, straddle the handle, touch the kettle's back),
-move (turn, push, slide), let go, back off. The microwave and the hinge cabinet are not
-scripted: their handles stand ~1 cm proud of the doors in this model, too little to hook.
+Each episode draws an ordered choice of `N_SUBTASKS` (4) of all seven sub-tasks with a seeded
+RNG, at most MAX_DOORS (1) of them a door (microwave, hinge cabinet: ~130 of the episode's 280
+steps each): 600 possible orders, so the demos are multimodal like D4RL's. Each sub-task is a
+short list of end-effector waypoints computed from the objects' current poses: in front of the
+knob / lever / handle / kettle, engage (grasp the knob, touch the lever, straddle the slide
+handle, touch the kettle's back, hook a door handle), move (turn, push, slide, swing the door
+along its arc), let go, back off. The door handles are bars 4-4.4 cm thick standing 3.8 cm
+(microwave) and 6.1 cm (hinge cabinet) off the door: the closed fingers, their closing axis
+vertical, slide into that gap from the side, so the pull is a form closure (grasping the bar
+instead holds only by the fingers' ~11 N of squeeze and slipped within 0.5 rad).
 
 Control. A sub-task starts with a straight joint-space move to the IK solution (from the
 well-conditioned READY_Q) of its first waypoint, so no sub-task inherits a posture near the
@@ -21,12 +24,12 @@ q_cmd offset by gravity / kp so the position servos do not sag; the fingers get 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mujoco
 import numpy as np
 
-from envs.kitchen.env import KitchenEnv
+from envs.kitchen.env import ALL_TASKS, KitchenEnv
 
 N_SUBTASKS = 4
 ACTION_SCALE = 2.0  # rad/s (arm) or m/s (fingers) per unit action
@@ -51,7 +54,12 @@ class Waypoint:
     """A target pose of the end-effector site: position (3,) and rotation (3, 3), world frame.
 
     grip: finger command on the way (OPEN / CLOSE); speed: m/s cap; tol: m to count as reached;
-    hold: extra steps to stay once reached (fingers closing); max_steps: give up after this.
+    hold: extra steps to stay once reached (fingers closing); max_steps: give up after this;
+    posture: (7,) joint positions, on a sub-task's first waypoint: the IK's start and
+    null-space posture for the whole sub-task (default READY_Q); until_done: skipped once the
+    env counts the sub-task as completed (the rest of a door's swing); relative: `pos` is an
+    offset in the end-effector frame from where it is when the waypoint starts (`rot` unused:
+    the orientation is kept).
     """
 
     pos: np.ndarray
@@ -61,6 +69,9 @@ class Waypoint:
     tol: float = 0.01
     hold: int = 0
     max_steps: int = 40
+    posture: np.ndarray | None = None
+    until_done: bool = False
+    relative: bool = False
 
 
 def rot_about(axis: str, angle: float) -> np.ndarray:
@@ -98,6 +109,7 @@ class Controller:
         self.high = self.model.jnt_range[:7, 1] - LIMIT_MARGIN
         self.jacp, self.jacr = np.zeros((3, self.model.nv)), np.zeros((3, self.model.nv))
         self.q_cmd = np.clip(self.data.qpos[:7], self.low, self.high)
+        self.posture = READY_Q
         self.pos_cmd, self.rot_cmd = self.pose()
 
     def pose(self) -> tuple[np.ndarray, np.ndarray]:
@@ -131,7 +143,7 @@ class Controller:
            iters: int = IK_ITERS) -> np.ndarray:
         """(7,) arm joint positions putting the site at (pos, rot), by damped least squares
         from `q` on a scratch copy of the model (joint limits enforced; the redundancy pulled
-        towards READY_Q)."""
+        towards `self.posture`)."""
         m, d = self.model, self.scratch
         d.qpos[:] = self.data.qpos
         d.qpos[:7] = q
@@ -146,7 +158,8 @@ class Controller:
             mujoco.mj_jacSite(m, d, self.jacp, self.jacr, self.site)
             jac = np.vstack([self.jacp[:, :7], self.jacr[:, :7]])
             pinv = jac.T @ np.linalg.inv(jac @ jac.T + DAMPING * np.eye(6))
-            dq = pinv @ err + (np.eye(7) - pinv @ jac) @ (POSTURE_GAIN * (READY_Q - d.qpos[:7]))
+            null = POSTURE_GAIN * (self.posture - d.qpos[:7])
+            dq = pinv @ err + (np.eye(7) - pinv @ jac) @ null
             d.qpos[:7] = np.clip(d.qpos[:7] + dq, self.low, self.high)
         return d.qpos[:7].copy()
 
@@ -189,6 +202,10 @@ KNOB_YAW = -0.2  # rad about z: keeps the knob grasp and its turn inside the joi
 KNOB_TURN = 1.3  # rad about +y (the knobs' qpos goes to -0.88 about their -y axis)
 KETTLE_PITCH = -0.8  # rad about x: fingers tilted down to push the kettle's back face
 TIP = 0.045  # m from the site to the middle of the finger pads, along the approach axis
+DOOR_STEP = 0.1  # rad of door swing between waypoints
+DOOR_SPEED = 0.2  # m/s of the handle along its arc
+MICROWAVE_Q = np.array([0.348, 1.546, 0.708, -1.008, 1.575, 0.804, -1.132])
+HOOK_DEPTH = 0.02  # m along the fingers from the site to where they cross behind the bar
 
 
 def _site(model: mujoco.MjModel, data: mujoco.MjData, name: str) -> np.ndarray:
@@ -253,8 +270,60 @@ def _kettle(rng: np.random.Generator):
     return plan
 
 
+def _door(site: str, hinge_body: str, toward_hinge: float, gap: tuple[float, float],
+          tilt: float, opening: tuple[float, float], posture: np.ndarray | None,
+          clearance: float, rng: np.random.Generator):
+    """Hook a door's vertical handle bar and swing the door open about its vertical hinge.
+
+    The closed fingers (thin across the door, their closing axis vertical) come in from the
+    handle's free-edge side, parallel to the door (the hand tilted `tilt` away from it),
+    into the gap between the bar and the door, so the fingers lie behind the bar; the hand then
+    moves along the door's arc, turning with it, by a drawn angle in `opening` (rad, signed):
+    the bar is pulled by the fingers behind it (a form closure, no grip friction needed).
+    Then the fingers slide out sideways and the hand backs off. `toward_hinge`: +1 / -1, the
+    side of the handle the hinge is on along the door's x axis; `gap`: (bar radius, gap depth
+    behind the bar) in m; `tilt`: rad between the fingers and the door's plane; `posture`: the
+    arm's posture for it (None: READY_Q; MICROWAVE_Q was found by a search over IK starts for
+    one that follows the whole arc inside the joint limits); `clearance`: m in front of the
+    door of an extra first waypoint (0: the joint-space move goes straight beside the bar).
+    """
+    def plan(model, data) -> list[Waypoint]:
+        bar = _site(model, data, site)
+        door = data.xmat[model.body(hinge_body).id].reshape(3, 3)
+        hinge = data.xpos[model.body(hinge_body).id].copy()
+        ex, ey = door[:, 0], door[:, 1]  # along the door; into it (the bar stands out at -ey)
+        tilt_drawn = tilt + rng.uniform(-0.05, 0.05)
+        approach = np.cos(tilt_drawn) * toward_hinge * ex + np.sin(tilt_drawn) * ey
+        closing = np.array([0.0, 0.0, -1.0])  # the fingers' closing axis: vertical
+        rot = np.column_stack([np.cross(closing, approach), closing, approach])
+        behind = bar + ey * (gap[0] + gap[1] * rng.uniform(0.4, 0.6))  # middle of the gap
+        behind[2] += rng.uniform(-0.04, 0.04)  # anywhere along the bar
+        hook = behind - HOOK_DEPTH * approach  # the site: the bar lies across the fingers
+        outside = hook - 0.12 * toward_hinge * ex  # beside the bar, at the hook's depth
+        waypoints = [Waypoint(outside - clearance * ey, rot, CLOSE, tol=0.03, posture=posture)]
+        if clearance:
+            waypoints.append(Waypoint(outside, rot, CLOSE, speed=0.4, tol=0.015, max_steps=15))
+        waypoints.append(Waypoint(hook, rot, CLOSE, speed=0.3, tol=0.012, max_steps=20))
+        angle = rng.uniform(*opening)
+        for theta in np.linspace(0.0, angle, int(np.ceil(abs(angle) / DOOR_STEP)) + 1)[1:]:
+            turn = rot_about("z", theta)
+            waypoints.append(Waypoint(hinge + turn @ (hook - hinge), turn @ rot, CLOSE,
+                                      speed=DOOR_SPEED, tol=0.04, max_steps=8,
+                                      until_done=True))
+        # done (or swung the drawn angle): back out along the fingers, sideways from the bar
+        return [*waypoints, Waypoint(np.array([0.0, 0.0, -0.12]), rot, CLOSE, tol=0.04,
+                                     max_steps=10, relative=True)]
+    return plan
+
+
+DOORS = ("microwave", "hinge cabinet")
+MAX_DOORS = 1  # per episode
 PLANNERS = {  # the expert's repertoire: sub-task -> (rng -> plan(model, data) -> waypoints)
     "kettle": _kettle,
+    "microwave": lambda rng: _door("microhandle_site", "microdoorroot", -1.0, (0.02, 0.038),
+                                   0.35, (-0.7, -0.6), MICROWAVE_Q, 0.05, rng),
+    "hinge cabinet": lambda rng: _door("hinge_site2", "hingerightdoor", -1.0, (0.022, 0.061),
+                                       0.6, (1.35, 1.5), None, 0.0, rng),
     "bottom burner": lambda rng: _knob("knob2_site", rng),
     "top burner": lambda rng: _knob("knob4_site", rng),
     "light switch": _light_switch,
@@ -263,8 +332,14 @@ PLANNERS = {  # the expert's repertoire: sub-task -> (rng -> plan(model, data) -
 
 
 def draw_tasks(rng: np.random.Generator, n_subtasks: int = N_SUBTASKS) -> list[str]:
-    """An ordered choice of `n_subtasks` distinct sub-tasks of PLANNERS."""
-    return [str(t) for t in rng.permutation(sorted(PLANNERS))[:n_subtasks]]
+    """An ordered choice of `n_subtasks` distinct sub-tasks of PLANNERS, at most MAX_DOORS of
+    them doors (a door takes ~130 of the episode's 280 steps, the others ~50)."""
+    plan: list[str] = []
+    for task in rng.permutation(sorted(PLANNERS)):
+        if len(plan) < n_subtasks and (task not in DOORS
+                                       or sum(t in DOORS for t in plan) < MAX_DOORS):
+            plan.append(str(task))
+    return plan
 
 
 def run_expert(env: KitchenEnv, seed: int, tasks: list[str] | None = None,
@@ -296,9 +371,11 @@ def run_expert(env: KitchenEnv, seed: int, tasks: list[str] | None = None,
 
     for task in tasks:
         waypoints = PLANNERS[task](rng)(env.model, env.data)
-        # joint-space move to the IK solution (from READY_Q) of the first waypoint: a fresh,
-        # well-conditioned posture for every sub-task, whatever the previous one ended in
-        goal = ctrl.ik(waypoints[0].pos, waypoints[0].rot, READY_Q, iters=APPROACH_IK_ITERS)
+        # joint-space move to the IK solution (from the sub-task's posture) of the first
+        # waypoint: a fresh, well-conditioned posture for every sub-task, whatever the
+        # previous one ended in
+        ctrl.posture = READY_Q if waypoints[0].posture is None else waypoints[0].posture
+        goal = ctrl.ik(waypoints[0].pos, waypoints[0].rot, ctrl.posture, iters=APPROACH_IK_ITERS)
         for _ in range(waypoints[0].max_steps):
             if done:
                 break
@@ -307,6 +384,11 @@ def run_expert(env: KitchenEnv, seed: int, tasks: list[str] | None = None,
             if arrived:
                 break
         for wp in waypoints[1:]:
+            if wp.until_done and task in env.completed():
+                continue
+            if wp.relative:  # an offset in the site frame from where the site is now
+                pos, rot = ctrl.pose()
+                wp = replace(wp, pos=pos + rot @ wp.pos, rot=rot, relative=False)
             ctrl.start()
             held = 0
             for _ in range(wp.max_steps):
@@ -326,12 +408,18 @@ def run_expert(env: KitchenEnv, seed: int, tasks: list[str] | None = None,
 
 def collect_episode(seed: int) -> dict:
     """`drifting-policy demos kitchen` collector: {"obs" [T, 60], "action" [T, 9] (float32),
-    "success" (>= N_SUBTASKS sub-tasks done), "metrics" {"p1".."p4": 0/1}}."""
+    "success" (>= N_SUBTASKS sub-tasks done), "metrics"}: "p1".."p4" (0/1) and, for each of
+    the seven sub-tasks, "<task> tried" (in this episode's plan) and "<task> done" (completed),
+    0/1; averaged over episodes, done / tried is the expert's success rate per sub-task."""
     env = KitchenEnv()
     try:
         ep = run_expert(env, seed)
     finally:
         env.close()
     n = ep["n_completed"]
+    metrics = {f"p{k}": float(n >= k) for k in range(1, N_SUBTASKS + 1)}
+    for task in ALL_TASKS:
+        metrics[f"{task} tried"] = float(task in ep["plan"])
+        metrics[f"{task} done"] = float(task in ep["completed"])
     return {"obs": ep["obs"], "action": ep["action"], "success": n >= N_SUBTASKS,
-            "metrics": {f"p{k}": float(n >= k) for k in range(1, N_SUBTASKS + 1)}}
+            "metrics": metrics}
