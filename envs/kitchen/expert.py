@@ -312,7 +312,7 @@ def _door(site: str, hinge_body: str, toward_hinge: float, gap: tuple[float, flo
                                       until_done=True))
         # done (or swung the drawn angle): back out along the fingers, sideways from the bar
         return [*waypoints, Waypoint(np.array([0.0, 0.0, -0.12]), rot, CLOSE, tol=0.04,
-                                     max_steps=10, relative=True)]
+                                     max_steps=6, relative=True)]
     return plan
 
 
