@@ -178,8 +178,8 @@ def test_expert_hooks_a_door_handle_and_swings_the_door_open(task, joint, reache
     assert T < 150 and np.abs(ep["action"]).max() <= 1.0
     np.testing.assert_array_equal(ep["action"][:, 7:], -1.0)  # a hook, not a grasp
     obs, _ = env.reset(seed=0)
-    for t in range(T):
-        np.testing.assert_allclose(obs, ep["obs"][t], atol=1e-5)
+    for t in range(T):  # float32-stored actions; the door contact amplifies the rounding
+        np.testing.assert_allclose(obs, ep["obs"][t], atol=5e-4)
         obs, *_ = env.step(ep["action"][t])
     assert env.completed() == [task]
     env.close()

@@ -202,8 +202,8 @@ KNOB_YAW = -0.2  # rad about z: keeps the knob grasp and its turn inside the joi
 KNOB_TURN = 1.3  # rad about +y (the knobs' qpos goes to -0.88 about their -y axis)
 KETTLE_PITCH = -0.8  # rad about x: fingers tilted down to push the kettle's back face
 TIP = 0.045  # m from the site to the middle of the finger pads, along the approach axis
-DOOR_STEP = 0.1  # rad of door swing between waypoints
-DOOR_SPEED = 0.2  # m/s of the handle along its arc
+DOOR_STEP = 0.07  # rad of door swing between waypoints
+DOOR_SPEED = 0.25  # m/s of the handle along its arc
 MICROWAVE_Q = np.array([0.348, 1.546, 0.708, -1.008, 1.575, 0.804, -1.132])
 HOOK_DEPTH = 0.02  # m along the fingers from the site to where they cross behind the bar
 
