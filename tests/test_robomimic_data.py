@@ -18,9 +18,9 @@ from scipy.spatial.transform import Rotation
 from drifting_policy.config import compose
 from drifting_policy.data.dataset import SequenceDataset
 from drifting_policy.data.robomimic_hdf5 import action_mode, load_replay, write_hdf5
-from drifting_policy.data.rotation import abs_action_7_to_10, abs_action_10_to_7
 from drifting_policy.data.sampler import create_indices
 from drifting_policy.rollout.runner import EnvRunner
+from envs.robomimic.rotation import abs_action_7_to_10, abs_action_10_to_7
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

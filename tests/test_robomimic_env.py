@@ -169,7 +169,7 @@ def test_envs_import_no_drifting_policy_code():
     import sys
 
     modules = ["envs.robomimic.env", "envs.robomimic.expert", "envs.robomimic.rotation",
-               "envs.robomimic.speed", "envs.kitchen.env", "envs.kitchen.expert",
+               "envs.kitchen.env", "envs.kitchen.expert",
                "envs.kitchen.metrics"]
     code = ("import importlib, sys\n"
             f"for m in {modules!r}: importlib.import_module(m)\n"

@@ -70,7 +70,7 @@ _ROBOMIMIC_FLAGS = {
 def _robomimic_arrays(episode: dict, image: bool = False, abs: bool = False) -> dict:
     """A robomimic episode as flat arrays: its observation keys plus ``action`` (7-d delta, or
     with ``abs`` 10-d position, rotation-6d, gripper: what training reads)."""
-    from drifting_policy.data.rotation import abs_action_7_to_10
+    from envs.robomimic.rotation import abs_action_7_to_10
 
     action = np.asarray(episode["actions"], dtype=np.float32)
     if abs and action.shape[-1] == 7:

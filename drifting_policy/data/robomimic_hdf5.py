@@ -22,7 +22,7 @@ h5py reads both the same way.
 
 Reading: :func:`load_replay` turns a file into a :class:`ReplayBuffer` with one key per
 observation key plus ``action`` ([N, 7] delta, or [N, 10] absolute: position, rotation-6d,
-gripper; see :mod:`drifting_policy.data.rotation`). Images go through the on-disk cache of
+gripper; see :mod:`envs.robomimic.rotation`). Images go through the on-disk cache of
 :mod:`drifting_policy.data.image_cache`.
 """
 
@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from drifting_policy.data.image_cache import cached_arrays
 from drifting_policy.data.replay_buffer import ReplayBuffer
-from drifting_policy.data.rotation import abs_action_7_to_10, abs_action_10_to_7
+from envs.robomimic.rotation import abs_action_7_to_10, abs_action_10_to_7
 
 # Diffusion Policy's low-dim observation, in its concatenation order.
 LOWDIM_KEYS = ("object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")

@@ -1,6 +1,6 @@
 """Simulation + rendering throughput of the robomimic envs (one process, zero actions).
 
-    python -m envs.robomimic.speed [--steps 100]
+    python benchmarks/robomimic_speed.py [--steps 100]
 
 Prints steps/s per task without cameras and with the task's two cameras (84x84 for Lift/Can,
 240x240 for ToolHang, and ToolHang at 84x84), with robosuite's default offscreen rendering and
