@@ -10,7 +10,7 @@ environment-state feature a low_dim key, each camera an rgb key, ``action`` the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.configs.types import FeatureType, NormalizationMode
@@ -18,6 +18,9 @@ from lerobot.optim.optimizers import AdamWConfig
 from lerobot.optim.schedulers import DiffuserSchedulerConfig
 
 from drifting_policy.policy import DriftingConfig as CoreConfig
+
+# the project's policy fields and their defaults: one source for both configs
+_CORE = {f.name: f.default for f in fields(CoreConfig) if f.default is not MISSING}
 
 
 def core_key(feature: str) -> str:
@@ -43,9 +46,9 @@ class DriftingConfig(PreTrainedConfig):
     Padded action steps (``action_is_pad``) are left out of the drift problems.
     """
 
-    n_obs_steps: int = 2
-    horizon: int = 16
-    n_action_steps: int = 8
+    n_obs_steps: int = _CORE["n_obs_steps"]
+    horizon: int = _CORE["horizon"]
+    n_action_steps: int = _CORE["n_action_steps"]
     drop_n_last_frames: int = 7  # horizon - n_action_steps - n_obs_steps + 1
 
     normalization_mapping: dict[str, NormalizationMode] = field(
@@ -57,23 +60,23 @@ class DriftingConfig(PreTrainedConfig):
         }
     )
 
-    # ConditionalUnet1D (Diffusion Policy's sizes; this project's size=cpu: [32, 64, 128] / 32)
-    down_dims: tuple[int, ...] = (256, 512, 1024)
-    diffusion_step_embed_dim: int = 256
-    kernel_size: int = 5
-    n_groups: int = 8
-    cond_predict_scale: bool = True
-    # image encoder (ResNet-18 with GroupNorm, spatial softmax)
-    crop_shape: tuple[int, int] | None = None
-    num_kp: int = 32
-    feature_dim: int = 64
-    share_rgb_model: bool = False
-    # drift loss
-    gen_per_obs: int = 8
-    grouping: str = "per_timestep"
-    normalize: str = "per_group"
-    temperatures: tuple[float, ...] = (0.02, 0.05, 0.2)
-    affinity_floor: float = 1e-6
+    # ConditionalUnet1D, image encoder (ResNet-18 with GroupNorm, spatial softmax) and drift loss:
+    # the project's DriftingConfig fields, with its defaults (Diffusion Policy's sizes; this
+    # project's size=cpu: down_dims [32, 64, 128], diffusion_step_embed_dim 32)
+    down_dims: tuple[int, ...] = _CORE["down_dims"]
+    diffusion_step_embed_dim: int = _CORE["diffusion_step_embed_dim"]
+    kernel_size: int = _CORE["kernel_size"]
+    n_groups: int = _CORE["n_groups"]
+    cond_predict_scale: bool = _CORE["cond_predict_scale"]
+    crop_shape: tuple[int, int] | None = _CORE["crop_shape"]
+    num_kp: int = _CORE["num_kp"]
+    feature_dim: int = _CORE["feature_dim"]
+    share_rgb_model: bool = _CORE["share_rgb_model"]
+    gen_per_obs: int = _CORE["gen_per_obs"]
+    grouping: str = _CORE["grouping"]
+    normalize: str = _CORE["normalize"]
+    temperatures: tuple[float, ...] = _CORE["temperatures"]
+    affinity_floor: float = _CORE["affinity_floor"]
     # test-time selection: K chunks per observation in the same single pass, the medoid executed
     n_samples: int = 1
     select: str = "medoid"
@@ -107,17 +110,8 @@ class DriftingConfig(PreTrainedConfig):
             obs, shape = {"state": {"shape": [1], "type": "low_dim"}}, [1]
         else:
             shape = list(action.shape) if action else None
-        return CoreConfig(
-            shape_meta={"obs": obs, "action": {"shape": shape}}, horizon=self.horizon,
-            n_obs_steps=self.n_obs_steps, n_action_steps=self.n_action_steps,
-            down_dims=tuple(self.down_dims), diffusion_step_embed_dim=self.diffusion_step_embed_dim,
-            kernel_size=self.kernel_size, n_groups=self.n_groups,
-            cond_predict_scale=self.cond_predict_scale,
-            crop_shape=tuple(self.crop_shape) if self.crop_shape else None, num_kp=self.num_kp,
-            feature_dim=self.feature_dim, share_rgb_model=self.share_rgb_model,
-            gen_per_obs=self.gen_per_obs, grouping=self.grouping, normalize=self.normalize,
-            temperatures=tuple(self.temperatures), affinity_floor=self.affinity_floor,
-        )
+        return CoreConfig(shape_meta={"obs": obs, "action": {"shape": shape}},
+                          **{name: getattr(self, name) for name in _CORE})
 
     def validate_features(self) -> None:
         if not self.input_features:
