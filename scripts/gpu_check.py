@@ -70,8 +70,8 @@ GPU = Budget(episodes=40, size_lowdim="paper", size_image="paper_image", steps=1
              n_test=4, ticks=100, image_gen=("device=null",), image_gen_steps=100,
              probe="B/2", probe_batch=256, probe_iters=20, timeout=420, device="cuda",
              workers=4)
-CPU_SMOKE = Budget(episodes=3, size_lowdim="cpu", size_image="cpu", steps=2, steps_image=2,
-                   steps_diffusion=2,
+CPU_SMOKE = Budget(episodes=3, size_lowdim="cpu", size_image="cpu", steps=4, steps_image=3,
+                   steps_diffusion=3,
                    overrides=("training.log_every=1", "training.val_every=2",
                               "training.batch_size=8", "policy.down_dims=[16,32]",
                               "policy.diffusion_step_embed_dim=16", "task.env.max_steps=16"),

@@ -53,6 +53,9 @@ def test_cpu_smoke_runs_every_step(tmp_path):
             "image_gen_resume", "image_gen_sample", "dit_throughput"} <= names
     r = result["results"]
     assert r["train_lowdim_drifting_resumed"]["steps"] == 2 * r["train_lowdim_drifting"]["steps"]
+    assert all(r[name]["s_per_step"] > 0 for name in (
+        "train_lowdim_drifting", "train_lowdim_drifting_resumed", "train_image_drifting",
+        "train_lowdim_diffusion"))
     assert {(row["policy"], row["obs"]) for row in r["latency"]} == {
         (p, o) for p in ("drifting", "ddpm100", "ddim10") for o in ("lowdim", "image")}
     assert r["dit_throughput"]["images_per_s"] > 0
