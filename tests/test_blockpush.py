@@ -239,7 +239,9 @@ def test_task_config_trains_and_evaluates_with_p1_p2(tmp_path):
     assert {"test/p1", "test/p2", "test/mean_score", "val/loss"} <= set(metrics)
     assert metrics["test/p2"] == 0.0  # 6 steps cannot place both blocks
     runner = EnvRunner.from_task(cfg.task, n_test=1, n_envs=1)
-    assert runner.metric_fn is p1_p2 and runner.spec.max_steps == 6
+    rewards = np.array([0.0, 0.49, 1.0])  # the config's metric name selects BlockPush's p1/p2
+    assert runner.metric_fn(rewards, [{}] * 3) == p1_p2(rewards, [{}] * 3)
+    assert runner.spec.max_steps == 6
 
 
 def test_pybullet_is_in_direct_mode(env):

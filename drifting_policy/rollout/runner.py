@@ -226,7 +226,9 @@ class EnvRunner:
         t0 = time.perf_counter()
         while not done.all():
             obs_dict = _to_policy_obs(obs, policy.device)
-            action = policy.predict_action(obs_dict, n_samples=n_samples)["action"]
+            # K = 1 calls the plain Diffusion Policy API, which any DP-style policy has
+            kw = {"n_samples": n_samples} if n_samples > 1 else {}
+            action = policy.predict_action(obs_dict, **kw)["action"]
             action = action.float().cpu().numpy()
             obs, reward, term, trunc, info = venv.step(action)
             for i in np.flatnonzero(~done):
