@@ -347,7 +347,7 @@ def test_digits_demo_writes_both_recipes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(demo, "QUICK", demo.Budget(mae_steps=2, mae_cls_steps=1, gen_steps=2,
                                                    ablation_steps=2, classifier_epochs=1))
-    metrics = demo.run_demo(tmp_path, quick=True, ablations=False)
+    metrics = demo.run_demo(tmp_path, quick=True)  # quick: no anti-symmetry ablation
     saved = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("proxy_fd", "proxy_fd_pixel", "proxy_fd_raw_only", "proxy_fd_real_baseline"):
         assert np.isfinite(saved[key]) and saved[key] == metrics[key]
