@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 from drifting_policy import checkpoint as ckpt
 from drifting_policy.config import compose
@@ -149,33 +150,62 @@ def test_ddp_drift_statistics_match_one_process_on_the_global_batch(tmp_path):
 
 
 # ------------------------------------------------------------------------------ checkpoints
-@pytest.mark.timeout(300)
-def test_torchrun_checkpoint_holds_each_ranks_rng_and_resume_checks_the_world(tmp_path):
-    """Two gloo ranks (with a time budget: rank 0's decision is broadcast every log step) write
-    one checkpoint holding both ranks' RNG states; resuming it in one process is refused."""
+def _lowdim_zarr(path) -> None:
     rng = np.random.default_rng(0)
     buf = ReplayBuffer.empty()
     for n in (20, 24, 18):
         buf.add_episode({"state": rng.uniform(0, 512, (n, 5)).astype(np.float32),
                          "keypoint": rng.uniform(0, 512, (n, 9, 2)).astype(np.float32),
                          "action": rng.uniform(0, 512, (n, 2)).astype(np.float32)})
-    buf.save(tmp_path / "pusht.zarr")
-    overrides = [
-        "policy=drifting", f"run_dir={tmp_path / 'run'}",
+    buf.save(path)
+
+
+def _torchrun_overrides(tmp_path, run: str, steps: int) -> list[str]:
+    return [
+        "policy=drifting", f"run_dir={tmp_path / run}",
         f"task.dataset.path={tmp_path / 'pusht.zarr'}", "device=cpu", "logging.mode=disabled",
-        "policy.down_dims=[16,32]",
-        "policy.diffusion_step_embed_dim=16", "training.batch_size=4", "training.num_steps=2",
+        "policy.down_dims=[16,32]", "policy.diffusion_step_embed_dim=16",
+        "training.batch_size=4", f"training.num_steps={steps}", "training.lr_scheduler=constant",
         "training.rollout_every=0", "training.checkpoint_every=2", "training.val_every=0",
         "training.log_every=1", "training.max_minutes=60",
     ]
+
+
+def _torchrun(overrides: list[str], port: int) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29531", "-m", "drifting_policy.cli", "train", *overrides]
+           "--master_port", str(port), "-m", "drifting_policy.cli", "train", *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_checkpoint_holds_each_ranks_rng_and_resume_checks_the_world(tmp_path):
+    """Two gloo ranks (with a time budget: rank 0's decision is broadcast every log step) write
+    one checkpoint holding both ranks' RNG states; resuming it in one process is refused."""
+    _lowdim_zarr(tmp_path / "pusht.zarr")
+    overrides = _torchrun_overrides(tmp_path, "run", 2)
+    _torchrun(overrides, 29531)
     latest = tmp_path / "run" / "checkpoints" / "latest"
     state = ckpt.load_train_state(latest)
     assert state["step"] == 2 and len(state["rng"]) == 2
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # seed + rank
     with pytest.raises(ValueError, match="written by 2 ranks, this run has 1"):
         TrainWorkspace(compose("train_policy", [*overrides, "resume=true"]))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_torchrun_resume_is_exact_on_every_rank(tmp_path):
+    """2 ranks x 4 steps equal 2 ranks x 2 steps, then resumed to 4: weights and EMA bit for bit
+    (each rank gets its own RNG state back, so its drift noise continues where it stopped)."""
+    _lowdim_zarr(tmp_path / "pusht.zarr")
+    _torchrun(_torchrun_overrides(tmp_path, "full", 4), 29533)
+    _torchrun(_torchrun_overrides(tmp_path, "part", 2), 29534)
+    _torchrun([*_torchrun_overrides(tmp_path, "part", 4), "resume=true"], 29535)
+    for name in (f"{ckpt.PRETRAINED}/model.safetensors", ckpt.RAW):  # EMA, raw weights
+        a, b = (load_file(str(tmp_path / run / "checkpoints/latest" / name))
+                for run in ("full", "part"))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}: {k}"
