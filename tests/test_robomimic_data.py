@@ -282,12 +282,13 @@ def test_normalizers_follow_diffusion_policy(lowdim_file, image_file):
         torch.testing.assert_close(y.min(0).values, -torch.ones(x.shape[1]))
         torch.testing.assert_close(y.max(0).values, torch.ones(x.shape[1]))
     torch.testing.assert_close(norm["robot0_eef_quat"].scale, torch.ones(4))  # quaternion
-    image = ds[0]["obs"]["agentview_image"]
-    torch.testing.assert_close(norm["agentview_image"].normalize(image), image * 2 - 1)
-    # the image window holds the HDF5 frames as float CHW in [0, 1]
+    image = ds[0]["obs"]["agentview_image"]  # uint8; the policy scales it to [0, 1] on its device
+    unit = image.float() / 255
+    torch.testing.assert_close(norm["agentview_image"].normalize(unit), unit * 2 - 1)
+    # the image window holds the HDF5 frames as uint8 CHW, bytes unchanged
     b0, _, s0, _ = ds.sampler.indices[0]
-    frame = torch.from_numpy(eps[0]["obs"]["agentview_image"][b0]).permute(2, 0, 1) / 255
-    torch.testing.assert_close(image[s0], frame)
+    frame = torch.from_numpy(eps[0]["obs"]["agentview_image"][b0]).permute(2, 0, 1)
+    assert image.dtype == torch.uint8 and torch.equal(image[s0], frame)
 
 
 def test_absolute_actions(tmp_path):
