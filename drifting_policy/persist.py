@@ -42,7 +42,8 @@ def atomic_path(dst: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `dst` (same directory, hidden name, nothing there yet).
 
     Whatever the caller creates at that path (a file or a directory tree) replaces `dst` when the
-    block exits cleanly; an existing directory at `dst` is swapped out and deleted afterwards.
+    block exits cleanly; an existing `dst` that a rename cannot replace (a directory, or a file
+    where a directory arrives) is swapped out and deleted afterwards.
     """
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -52,11 +53,11 @@ def atomic_path(dst: str | Path) -> Iterator[Path]:
         if not (tmp.exists() or tmp.is_symlink()):
             raise FileNotFoundError(f"atomic_path({dst}): nothing was written at {tmp}")
         _fsync_tree(tmp)
-        if dst.is_dir() and not dst.is_symlink():
+        if dst.exists() and (dst.is_dir() or tmp.is_dir()):  # rename cannot replace these
             old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(dst, old)
             os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         else:
             os.replace(tmp, dst)
     finally:

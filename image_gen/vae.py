@@ -17,13 +17,13 @@ noise of shard k is seeded by (seed, k), so a resumed cache equals an uninterrup
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from drifting_policy.persist import atomic_path
 from image_gen.data import MANIFEST, ImageFolderFlips
 
 SCALE = 0.18215  # Stable Diffusion latent scale
@@ -69,18 +69,13 @@ def shard_generator(seed: int, shard: int, device: str | torch.device = "cpu") -
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / MANIFEST)
+    with atomic_path(out / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1))
 
 
 def cache_latents(

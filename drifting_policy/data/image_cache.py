@@ -22,13 +22,14 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 from filelock import FileLock
 from tqdm import tqdm
+
+from drifting_policy.persist import atomic_path
 
 Layout = Mapping[str, tuple[tuple[int, ...], str]]  # key -> (per-step shape, dtype name)
 _FINGERPRINT = "fingerprint.json"
@@ -102,9 +103,8 @@ def _remove_stale(root: Path, source: dict) -> None:
 
 
 def _build(entry: Path, fingerprint: dict, episodes) -> None:
-    tmp = entry.with_name(f".{entry.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
+    with atomic_path(entry) as tmp:
+        tmp.mkdir()
         n_steps = fingerprint["n_steps"]
         arrays = {
             key: np.lib.format.open_memmap(tmp / f"{key}.npy", mode="w+", dtype=np.dtype(dtype),
@@ -132,7 +132,3 @@ def _build(entry: Path, fingerprint: dict, episodes) -> None:
             array.flush()
         del arrays
         (tmp / _FINGERPRINT).write_text(json.dumps(fingerprint, indent=1))
-        shutil.rmtree(entry, ignore_errors=True)  # an unreadable entry of the same name
-        os.replace(tmp, entry)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

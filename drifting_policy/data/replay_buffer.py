@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -31,6 +29,8 @@ import numcodecs
 import numpy as np
 import zarr
 from zarr.storage import ZipStore
+
+from drifting_policy.persist import atomic_path
 
 # Diffusion Policy's default data compressor and target chunk size.
 _COMPRESSOR = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.NOSHUFFLE)
@@ -156,22 +156,13 @@ class ReplayBuffer:
         ``chunk_length`` steps per chunk; by default about 2 MB per chunk, like Diffusion Policy.
         """
         path = Path(path).expanduser()
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        is_zip = path.suffix == ".zip"
-        try:
-            if is_zip:
+        with atomic_path(path) as tmp:
+            if path.suffix == ".zip":
                 with ZipStore(tmp, mode="w") as store:
                     self._write_group(zarr.open_group(store=store, mode="w", zarr_format=2),
                                       chunk_length)
-                os.replace(tmp, path)
             else:
                 self._write_group(zarr.open_group(tmp, mode="w", zarr_format=2), chunk_length)
-                _replace_dir(tmp, path)
-        finally:
-            if tmp.is_dir():
-                shutil.rmtree(tmp)
-            elif tmp.exists():
-                tmp.unlink()
 
     def _write_group(self, root: zarr.Group, chunk_length: int | None) -> None:
         writer = ZarrReplayWriter(root, chunk_length)
@@ -305,18 +296,14 @@ def write_replay_atomic(path: str | os.PathLike, episodes, chunk_length: int | N
     under a temporary sibling name and moved into place (replacing `path`) only when complete.
     Returns the number of episodes; raises ValueError when there are none."""
     path = Path(path).expanduser()
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_path(path) as tmp:
         writer = ZarrReplayWriter(zarr.open_group(tmp, mode="w", zarr_format=2), chunk_length)
         for episode in episodes:
             writer.add_episode(episode)
         if not writer.ends:
             raise ValueError(f"{path}: no episodes to write")
         n = writer.close()
-        _replace_dir(tmp, path)
-        return n
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return n
 
 
 def _read(array: zarr.Array, path: Path, name: str) -> np.ndarray:
@@ -334,17 +321,3 @@ def _check_episode_ends(episode_ends: np.ndarray, where: str) -> None:
         )
     if len(episode_ends) and np.any(np.diff(episode_ends, prepend=0) <= 0):
         raise ValueError(f"{where}: must be strictly increasing and positive, got {episode_ends}")
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move directory ``src`` to ``dst``; an existing ``dst`` is removed only after the move."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(dst, old)
-    os.replace(src, dst)
-    if old.is_dir():
-        shutil.rmtree(old)
-    else:
-        old.unlink()

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from tqdm import tqdm
 
 from drifting_policy.data.image_cache import cached_arrays
 from drifting_policy.data.replay_buffer import ReplayBuffer
+from drifting_policy.persist import atomic_path
 from envs.robomimic.rotation import abs_action_7_to_10, abs_action_10_to_7
 
 # Diffusion Policy's low-dim observation, in its concatenation order.
@@ -101,20 +101,14 @@ def write_hdf5(path: str | os.PathLike, episodes: Iterable[dict], image: bool = 
     raises ValueError when there are none or an episode is malformed.
     """
     path = Path(path).expanduser()
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with h5py.File(tmp, "w") as f:
-            writer = _DemoWriter(f, image=image, abs_action=abs)
-            for episode in episodes:
-                writer.add(episode)
-            if writer.n == 0:
-                raise ValueError(f"{path}: no episodes to write")
-            writer.close()
-        os.replace(tmp, path)
-        return writer.n
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        writer = _DemoWriter(f, image=image, abs_action=abs)
+        for episode in episodes:
+            writer.add(episode)
+        if writer.n == 0:
+            raise ValueError(f"{path}: no episodes to write")
+        writer.close()
+    return writer.n
 
 
 class _DemoWriter:
