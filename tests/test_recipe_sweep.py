@@ -2,7 +2,9 @@
 tiny end-to-end run (slow)."""
 
 import json
+import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,7 @@ def test_recipes_cover_groupings_normalisations_and_g_with_flat_once():
 
 def _args(tmp_path, *extra):
     data = tmp_path / "pusht.zarr"
-    data.mkdir(exist_ok=True)  # an existing dataset: no demos are generated
+    data.mkdir(parents=True, exist_ok=True)  # an existing dataset: no demos are generated
     return ["--tasks", "pusht_lowdim", "--gs", "2,4", "--seeds", "2", "--steps", "100",
             "--rollouts", "4", "--last-k", "2", "--work", str(tmp_path / "work"),
             "--out", str(tmp_path / "sweep.json"), *extra, f"task.dataset.path={data}"]
@@ -90,9 +92,32 @@ def test_finished_cells_are_skipped_and_interrupted_ones_resume(tmp_path):
     assert json.loads((tmp_path / "sweep.json").read_text())["summary"] == first["summary"]
 
 
+def test_parallel_jobs_train_cells_at_once_with_a_share_of_the_cores(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "unset")  # restored after the test
+    serial = FakeTrainer()
+    recipe_sweep.main(_args(tmp_path / "serial"), train=serial)
+    barrier, threads = threading.Barrier(4, timeout=20), []
+
+    class Concurrent(FakeTrainer):
+        def __call__(self, overrides, log):
+            threads.append(os.environ["OMP_NUM_THREADS"])
+            barrier.wait()  # breaks (and fails the sweep) unless 4 cells run at once
+            super().__call__(overrides, log)
+
+    parallel = Concurrent()
+    assert recipe_sweep.main(_args(tmp_path / "parallel", "--jobs", "4"), train=parallel) == 0
+    assert len(parallel.calls) == 20
+    assert set(threads) == {str(max(1, (os.cpu_count() or 1) // 4))}
+    one, four = (json.loads((tmp_path / d / "sweep.json").read_text())
+                  for d in ("serial", "parallel"))
+    assert four["summary"] == one["summary"] and four["best"] == one["best"]
+    assert [c["recipe"] for c in four["cells"]] == [c["recipe"] for c in one["cells"]]
+
+
 def test_bad_arguments_exit_with_a_message(capsys):
     for argv, match in ((["--tasks", "pusht"], "unknown"), (["--gs", "two"], "--gs"),
-                        (["--gs", "0"], "G >= 1"), (["--steps", "lift_lowdim=10"], "--steps")):
+                        (["--gs", "0"], "G >= 1"), (["--steps", "lift_lowdim=10"], "--steps"),
+                        (["--jobs", "0"], "--jobs")):
         with pytest.raises(SystemExit):
             recipe_sweep.parse_args(argv)
         assert match in capsys.readouterr().err
