@@ -18,8 +18,12 @@ the final weights (its own row). A run's score is the max and the mean of its la
 Equal wall-clock is the headline. Equal steps is reported beside it from the same runs: each
 policy's rollouts up to the step count the slower-stepping policy reached (the lr schedules are
 those of the equal-time runs; stated in the JSON). Each row also gives steps, samples seen, NFE,
-batch-1 latency, the total wall-clock including the periodic rollouts, and the time to reach
+batch-1 latency, the total minutes of training plus periodic rollouts, and the time to reach
 score S (evaluation included).
+
+Runs are resumable across sessions: a finished run (work/TASK/POLICY_seedS/run.json) is read
+back, an interrupted one continues from its last checkpoint with its original step plan.
+`--jobs 2` trains drifting and diffusion of a seed side by side, one thread each.
 
 Writes benchmarks/results/table_cpu.json and .md beside it, and replaces the README's table
 between the `<!-- table_cpu:begin -->` / `<!-- table_cpu:end -->` markers.
@@ -29,10 +33,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
-import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -45,6 +51,7 @@ from drifting_policy.checkpoint import load_policy
 from drifting_policy.config import compose
 from drifting_policy.data import demos
 from drifting_policy.eval import evaluate
+from drifting_policy.persist import atomic_path
 from drifting_policy.plots import read_logs
 from drifting_policy.train import TrainWorkspace
 
@@ -127,27 +134,87 @@ def seconds_per_step(task: str, policy: str, args, extra: list[str]) -> float:
 
 
 def train(task: str, spec: TaskSpec, policy: str, seed: int, minutes: float, args) -> dict:
-    """One equal-time run with periodic rollouts; returns its curve and final workspace facts."""
+    """One equal-time run with periodic rollouts; returns its curve and final workspace facts.
+
+    Resumable: the run's plan (its step count from the probe) is kept in run_dir/plan.json and
+    its result in run_dir/run.json; a finished run is read back, an interrupted one continues
+    from its last checkpoint with the same plan (its train and rollout seconds carry over)."""
+    run_dir = args.work / task / f"{policy}_seed{seed}"
+    if (run_dir / "run.json").is_file():
+        return _read_run(run_dir)
     extra = []
     if policy == "diffusion":
         scheduler, nfe = SAMPLERS[spec.periodic_sampler]
         extra = [f"policy.scheduler={scheduler}", f"policy.num_inference_steps={nfe}"]
-    step_s = seconds_per_step(task, policy, args, extra)
-    steps = max(int(60 * minutes / step_s), args.rollouts)
-    run_dir = args.work / task / f"{policy}_seed{seed}"
+    plan_path = run_dir / "plan.json"
+    if plan_path.is_file():
+        plan = json.loads(plan_path.read_text())
+    else:
+        step_s = seconds_per_step(task, policy, args, extra)
+        plan = {"seconds_per_step": step_s, "minutes": minutes,
+                "planned_steps": max(int(60 * minutes / step_s), args.rollouts),
+                "threads": torch.get_num_threads()}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(plan_path) as tmp:
+            tmp.write_text(json.dumps(plan))
+    steps = plan["planned_steps"]
+    every = max(steps // args.rollouts, 1)
+    resume = (run_dir / "checkpoints" / "latest").is_dir()
     ws = TrainWorkspace(_config(task, policy, seed, run_dir, args, [
-        f"training.num_steps={steps}", f"training.max_minutes={minutes}",
-        f"training.rollout_every={max(steps // args.rollouts, 1)}",
-        f"training.checkpoint_every={max(steps // args.rollouts, 1)}", *extra]))
-    t0 = time.perf_counter()
+        f"training.num_steps={steps}", f"training.max_minutes={plan['minutes']}",
+        f"training.rollout_every={every}", f"training.checkpoint_every={every}",
+        f"resume={str(resume).lower()}", *extra]))
     ws.run()
-    wall = time.perf_counter() - t0
-    curve = [{"step": r["step"], "train_seconds": r["train_seconds"],
-              "rollout_seconds": r.get("rollout_seconds", 0.0), "score": r[f"test/{spec.metric}"]}
-             for r in read_logs(run_dir / "logs.jsonl") if f"test/{spec.metric}" in r]
-    return {"run_dir": run_dir, "steps": ws.step, "train_seconds": ws.train_seconds,
-            "wall_seconds": wall, "curve": curve, "batch_size": ws.cfg.training.batch_size,
-            "gen_per_obs": ws.cfg.policy.get("gen_per_obs", 1), "seconds_per_step": step_s}
+    run = {**plan, "steps": ws.step, "train_seconds": ws.train_seconds,
+           "rollout_seconds": ws.rollout_seconds, "batch_size": ws.cfg.training.batch_size,
+           "gen_per_obs": ws.cfg.policy.get("gen_per_obs", 1), "metric": spec.metric}
+    with atomic_path(run_dir / "run.json") as tmp:
+        tmp.write_text(json.dumps(run, indent=1))
+    return _read_run(run_dir)
+
+
+def _read_run(run_dir: Path) -> dict:
+    """A finished run: run.json plus its rollout curve (from logs.jsonl; a step logged again
+    after a resume keeps its last record)."""
+    run = json.loads((run_dir / "run.json").read_text())
+    key = f"test/{run['metric']}"
+    by_step = {r["step"]: {"step": r["step"], "train_seconds": r["train_seconds"],
+                           "rollout_seconds": r.get("rollout_seconds", 0.0), "score": r[key]}
+               for r in read_logs(run_dir / "logs.jsonl") if key in r}
+    curve = [by_step[step] for step in sorted(by_step)]
+    return {**run, "run_dir": run_dir, "curve": curve}
+
+
+def train_all(task: str, spec: TaskSpec, minutes: float, args) -> dict[str, list[dict]]:
+    """Every policy x seed run of a task. --jobs N runs N at once (drifting and diffusion of a
+    seed side by side), each in its own process with cores / N threads."""
+    todo = [(policy, 42 + i) for i in range(args.seeds) for policy in ("drifting", "diffusion")]
+    if args.jobs == 1:
+        done = {job: train(task, spec, *job, minutes, args) for job in todo}
+    else:
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.jobs))}
+
+        def launch(job):
+            policy, seed = job
+            log = args.work / task / f"{policy}_seed{seed}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "a") as f:
+                code = subprocess.run([sys.executable, __file__, "--one-run", f"{policy}:{seed}",
+                                       *_child_argv(task, minutes, args)],
+                                      stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+            if code:
+                raise RuntimeError(f"{task} {policy} seed {seed} failed (exit {code}); see {log}")
+            return _read_run(args.work / task / f"{policy}_seed{seed}")
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            done = dict(zip(todo, pool.map(launch, todo)))
+    return {p: [done[(p, 42 + i)] for i in range(args.seeds)] for p in ("drifting", "diffusion")}
+
+
+def _child_argv(task: str, minutes: float, args) -> list[str]:
+    """This script's arguments for one run of `task` in a child process."""
+    return ["--tasks", task, "--minutes", str(minutes), "--rollouts", str(args.rollouts),
+            "--n-test", str(args.n_test), "--n-envs", str(args.n_envs), "--size", args.size,
+            "--work", str(args.work), *args.overrides]
 
 
 def protocol(curve: list[dict], up_to_step: int | None = None, k: int = 10) -> dict | None:
@@ -193,8 +260,7 @@ def latency_ms(policy) -> float:
 
 def task_rows(task: str, spec: TaskSpec, minutes: float, args) -> list[dict]:
     ensure_demos(task, spec, args.overrides)
-    runs = {p: [train(task, spec, p, 42 + i, minutes, args) for i in range(args.seeds)]
-            for p in ("drifting", "diffusion")}
+    runs = train_all(task, spec, minutes, args)
     equal_steps = min(r["steps"] for rs in runs.values() for r in rs)
     rows = []
     variants = [("drifting", "drifting", None), ("diffusion", spec.periodic_sampler, None)]
@@ -214,7 +280,7 @@ def task_rows(task: str, spec: TaskSpec, minutes: float, args) -> list[dict]:
                 "seed": run["run_dir"].name, "latency_ms": latency_ms(policy_),
                 "equal_time": at_time, "equal_steps": at_steps, "steps": run["steps"],
                 "train_minutes": run["train_seconds"] / 60,
-                "total_minutes": run["wall_seconds"] / 60,
+                "total_minutes": (run["train_seconds"] + run["rollout_seconds"]) / 60,
                 "samples_seen": run["steps"] * run["batch_size"],
                 "time_to_target_minutes": time_to_reach(run["curve"], spec.target),
             })
@@ -310,7 +376,11 @@ def main() -> int:
     p.add_argument("--work", type=Path, default=Path("outputs/table"))
     p.add_argument("--out", type=Path, default=RESULTS / "table_cpu.json")
     p.add_argument("--readme", type=Path, default=Path("README.md"))
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once, each with cores / N threads (2 on a 2-core machine: "
+                        "drifting and diffusion side by side, ~1.4x the throughput)")
     p.add_argument("--markdown-only", action="store_true", help="regenerate tables from --out")
+    p.add_argument("--one-run", metavar="POLICY:SEED", help=argparse.SUPPRESS)  # --jobs' children
     p.add_argument("overrides", nargs="*", help="extra hydra overrides for every run")
     args = p.parse_args()
     if args.markdown_only:
@@ -320,7 +390,13 @@ def main() -> int:
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
         p.error(f"--tasks: unknown {unknown}; expected some of {sorted(TASKS)}")
+    if args.jobs < 1:
+        p.error(f"--jobs: expected >= 1, got {args.jobs}")
     minutes = {t: TASKS[t].minutes for t in tasks} | _per_task(args.minutes, float, tasks)
+    if args.one_run:
+        policy, seed = args.one_run.split(":")
+        train(tasks[0], TASKS[tasks[0]], policy, int(seed), minutes[tasks[0]], args)
+        return 0
     table = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": []}
     for task in tasks:  # a task's rows replace its previous ones; other tasks are kept
         rows = task_rows(task, TASKS[task], minutes[task], args)

@@ -56,6 +56,60 @@ def test_verdict_and_generated_markdown(tmp_path):
     assert (tmp_path / "table.md").read_text() in text
 
 
+class FakeWorkspace:
+    """Stands in for TrainWorkspace: records its config, 'trains' at 0.5 s per step until
+    num_steps or the time budget (resuming: from a previous attempt's second checkpoint),
+    logging a rollout every rollout_every steps."""
+
+    configs: list = []
+
+    def __init__(self, cfg):
+        self.cfg, self.run_dir = cfg, Path(cfg.run_dir)
+        FakeWorkspace.configs.append(cfg)
+        self.step = 2 * cfg.training.rollout_every if cfg.resume else 0
+        self.train_seconds = self.rollout_seconds = 0.5 * self.step
+
+    def run(self):
+        t = self.cfg.training
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "logs.jsonl", "a") as f:
+            while self.step < t.num_steps and self.train_seconds < 60 * t.max_minutes:
+                self.step += t.rollout_every
+                self.train_seconds += 0.5 * t.rollout_every
+                self.rollout_seconds += 1.0
+                f.write(json.dumps({"step": self.step, "train_seconds": self.train_seconds,
+                                    "rollout_seconds": self.rollout_seconds,
+                                    "test/mean_score": self.step / t.num_steps}) + "\n")
+
+
+def test_runs_keep_their_plan_resume_and_are_read_back_when_finished(tmp_path, monkeypatch):
+    probes = []
+    monkeypatch.setattr(table, "seconds_per_step", lambda *a: probes.append(a) or 0.4)
+    monkeypatch.setattr(table, "TrainWorkspace", FakeWorkspace)
+    FakeWorkspace.configs = []
+    args = table.argparse.Namespace(work=tmp_path, rollouts=4, n_test=2, n_envs=1, size="cpu",
+                                    overrides=[])
+    spec = table.TASKS["pusht_lowdim"]
+    first = table.train("pusht_lowdim", spec, "drifting", 42, 1.0, args)
+    run_dir = tmp_path / "pusht_lowdim" / "drifting_seed42"
+    # planned 60 s / 0.4 s per step = 150 steps, a rollout every 37; the budget stops at 148
+    assert (first["planned_steps"], first["steps"], len(probes)) == (150, 148, 1)
+    assert [c["step"] for c in first["curve"]] == [37, 74, 111, 148]
+    assert first["curve"][-1]["score"] == pytest.approx(148 / 150)
+    cfg = FakeWorkspace.configs[-1]
+    assert (cfg.training.num_steps, cfg.training.rollout_every, cfg.resume) == (150, 37, False)
+    assert table.train("pusht_lowdim", spec, "drifting", 42, 1.0, args) == first
+    assert len(FakeWorkspace.configs) == 1  # a finished run is read back, not trained
+    # interrupted: no run.json, a checkpoint to continue from; the machine got slower since
+    (run_dir / "run.json").unlink()
+    (run_dir / "checkpoints" / "latest").mkdir(parents=True)
+    monkeypatch.setattr(table, "seconds_per_step", lambda *a: probes.append(a) or 5.0)
+    again = table.train("pusht_lowdim", spec, "drifting", 42, 1.0, args)
+    cfg = FakeWorkspace.configs[-1]
+    assert (cfg.training.num_steps, cfg.resume, len(probes)) == (150, True, 1)  # same plan
+    assert again["steps"] == 148 and again["seconds_per_step"] == 0.4
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_tiny_table_run_writes_the_contract_json(tmp_path, monkeypatch):
@@ -63,6 +117,7 @@ def test_tiny_table_run_writes_the_contract_json(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", [
         "table.py", "--tasks", "pusht_lowdim", "--minutes", "0.1", "--seeds", "1",
         "--rollouts", "2", "--n-test", "2", "--n-envs", "1", "--work", str(tmp_path / "w"),
+        "--jobs", "2",  # drifting and diffusion side by side, in child processes
         "--out", str(out), "--readme", str(tmp_path / "README.md"),
         f"task.dataset.path={tmp_path / 'pusht.zarr'}", "task.env.max_steps=20",
         "policy.down_dims=[16,32]", "policy.diffusion_step_embed_dim=16"])
