@@ -283,6 +283,9 @@ def task_rows(task: str, spec: TaskSpec, minutes: float, args) -> list[dict]:
                 "total_minutes": (run["train_seconds"] + run["rollout_seconds"]) / 60,
                 "samples_seen": run["steps"] * run["batch_size"],
                 "time_to_target_minutes": time_to_reach(run["curve"], spec.target),
+                "curve": [] if final_sampler else [  # (minutes incl. evaluation, score)
+                    [(c["train_seconds"] + c["rollout_seconds"]) / 60, c["score"]]
+                    for c in run["curve"]],
             })
         for budget in ("equal_time", "equal_steps"):
             # a seed with no rollout within the budget (None) is left out of the statistics
@@ -363,6 +366,43 @@ def write_markdown(table: dict, md: Path, readme: Path) -> None:
         readme.write_text(f"{before}{README_BEGIN}\n{text}{README_END}{after}")
 
 
+def plot_curves(table: dict, path: Path) -> None:
+    """Score vs minutes of training plus periodic evaluation, one panel per task, one line per
+    policy and seed (the equal-time runs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in table["rows"] if r["budget"] == "equal_time"
+            and any(s.get("curve") for s in r["per_seed"])]
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    if not tasks:
+        return
+    cols = min(3, len(tasks))
+    fig, axes = plt.subplots((len(tasks) + cols - 1) // cols, cols, squeeze=False,
+                             figsize=(4.2 * cols, 3.2 * ((len(tasks) + cols - 1) // cols)))
+    for ax, task in zip(axes.flat, tasks):
+        for i, r in enumerate(r for r in rows if r["task"] == task):
+            for j, s in enumerate(s for s in r["per_seed"] if s.get("curve")):
+                x, y = zip(*s["curve"])
+                ax.plot(x, y, color=f"C{i}", marker=".", lw=1, alpha=0.9 - 0.3 * j,
+                        label=f"{r['policy']} ({r['nfe']} NFE)" if j == 0 else None)
+        ax.axhline(next(r["target"] for r in rows if r["task"] == task), color="grey", ls=":",
+                   lw=0.8)
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("minutes (training + periodic evaluation)", fontsize=8)
+        ax.set_ylabel(next(r["metric"] for r in rows if r["task"] == task), fontsize=8)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    fig.suptitle("score vs wall-clock on this CPU (one line per training seed; dotted: target S)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task names")
@@ -383,8 +423,11 @@ def main() -> int:
     p.add_argument("--one-run", metavar="POLICY:SEED", help=argparse.SUPPRESS)  # --jobs' children
     p.add_argument("overrides", nargs="*", help="extra hydra overrides for every run")
     args = p.parse_args()
+    curves = args.out.with_name(args.out.stem + "_curves.png")
     if args.markdown_only:
-        write_markdown(json.loads(args.out.read_text()), args.out.with_suffix(".md"), args.readme)
+        table = json.loads(args.out.read_text())
+        write_markdown(table, args.out.with_suffix(".md"), args.readme)
+        plot_curves(table, curves)
         return 0
     tasks = args.tasks.split(",")
     unknown = sorted(set(tasks) - set(TASKS))
@@ -413,6 +456,7 @@ def main() -> int:
         args.out.write_text(json.dumps(table, indent=1, default=str))
         print(markdown({"rows": rows, "meta": table["meta"]}), flush=True)
     write_markdown(table, args.out.with_suffix(".md"), args.readme)
+    plot_curves(table, curves)
     return 0
 
 

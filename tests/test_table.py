@@ -56,6 +56,20 @@ def test_verdict_and_generated_markdown(tmp_path):
     assert (tmp_path / "table.md").read_text() in text
 
 
+def test_curves_figure_has_a_panel_per_task_with_curves(tmp_path):
+    rows = [{**_row(policy, "equal_time", 0.5, 0.1), "task": task, "per_seed": [
+        {"curve": [[1.0, 0.1], [2.0, 0.4 + i]]} for i in (0.0, 0.1)]}
+        for task in ("a", "b") for policy in ("drifting", "ddpm100")]
+    rows.append({**_row("ddpm100", "equal_time", 0.5, 0.1), "task": "c",  # final-only scores
+                 "per_seed": [{"curve": []}]})
+    table.plot_curves({"rows": rows}, tmp_path / "curves.png")
+    from PIL import Image
+    width, height = Image.open(tmp_path / "curves.png").size
+    assert (width, height) == (2 * 4.2 * 80, 3.2 * 80)  # two panels: task c has no curve
+    table.plot_curves({"rows": rows[-1:]}, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
+
+
 class FakeWorkspace:
     """Stands in for TrainWorkspace: records its config, 'trains' at 0.5 s per step until
     num_steps or the time budget (resuming: from a previous attempt's second checkpoint),
@@ -125,6 +139,7 @@ def test_tiny_table_run_writes_the_contract_json(tmp_path, monkeypatch):
         table.TASKS["pusht_lowdim"], demos=("pusht", "--episodes", "4")))
     assert table.main() == 0
     rows = json.loads(out.read_text())["rows"]
+    assert (tmp_path / "table_curves.png").stat().st_size > 5_000
     assert {(r["policy"], r["budget"]) for r in rows} == {
         (p, b) for p in ("drifting", "ddpm100") for b in ("equal_time", "equal_steps")}
     for r in rows:
