@@ -12,9 +12,10 @@ import torch
 from omegaconf import OmegaConf
 
 from drifting_policy.config import compose
-from drifting_policy.data import lerobot_dataset as lr
 from drifting_policy.data.convert import convert
 from drifting_policy.data.dataset import detect_format, load_dataset
+from drifting_policy.data.lerobot_reader import load_replay, read_info
+from drifting_policy.data.lerobot_writer import write_lerobot
 from drifting_policy.data.replay_buffer import ReplayBuffer, write_replay_atomic
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -141,7 +142,7 @@ def test_generic_names_serve_a_task_without_a_mapping(tmp_path):
             "action": rng.normal(size=(n, 2)).astype(np.float32)} for n in (30, 41, 25)]
     write_replay_atomic(tmp_path / "bp.zarr", iter(eps))
     convert(tmp_path / "bp.zarr", tmp_path / "bp")
-    features = lr.read_info(tmp_path / "bp")["features"]
+    features = read_info(tmp_path / "bp")["features"]
     assert {"observation.obs", "action"} <= set(features)
     built = [load_dataset(OmegaConf.to_container(compose("train_policy", [
         "task=blockpush_lowdim", f"task.dataset.path={p}"]).task.dataset, resolve=True))
@@ -159,7 +160,7 @@ def test_robomimic_hdf5_to_lerobot_keeps_windows_and_rules(tmp_path):
 
     write_hdf5(tmp_path / "lift.hdf5", iter(robomimic_episodes(5)))
     assert convert(tmp_path / "lift.hdf5", tmp_path / "lift") == ("lerobot", 5)
-    info = lr.read_info(tmp_path / "lift")
+    info = read_info(tmp_path / "lift")
     assert info["fps"] == 20 and info["features"]["action"]["shape"] == [7]
     assert info["drifting_policy"]["robomimic_env_args"]["env_name"] == "Lift"
     built = [load_dataset(OmegaConf.to_container(compose("train_policy", [
@@ -178,17 +179,17 @@ def test_robomimic_hdf5_to_lerobot_keeps_windows_and_rules(tmp_path):
 def test_bad_input_is_one_clear_error(pusht_pair, tmp_path):
     _, path, eps = pusht_pair
     with pytest.raises(ValueError, match="fps"):
-        lr.write_lerobot(tmp_path / "a", iter(eps), fps=12.5)
+        write_lerobot(tmp_path / "a", iter(eps), fps=12.5)
     odd = [{"img": np.zeros((3, 95, 96, 3), np.uint8), "action": np.zeros((3, 2), np.float32)}]
     with pytest.raises(ValueError, match="even height and width"):
-        lr.write_lerobot(tmp_path / "b", iter(odd), fps=10)
+        write_lerobot(tmp_path / "b", iter(odd), fps=10)
     assert not (tmp_path / "b").exists()  # atomic: nothing left behind
     with pytest.raises(ValueError, match="no episodes"):
-        lr.write_lerobot(tmp_path / "c", iter([]), fps=10)
+        write_lerobot(tmp_path / "c", iter([]), fps=10)
     with pytest.raises(ValueError, match="missing feature 'observation.velocity'"):
-        lr.load_replay(path, ["observation.velocity"])
+        load_replay(path, ["observation.velocity"])
     with pytest.raises(ValueError, match=r"expected per-step shape \(3,\)"):
-        lr.load_replay(path, ["action"], expect={"action": [3]})
+        load_replay(path, ["action"], expect={"action": [3]})
     with pytest.raises(ValueError, match="filter_key"):
         load_dataset({"path": str(path), "obs_keys": {"obs": ["keypoint"]}, "horizon": 16,
                       "pad_before": 1, "pad_after": 7, "filter_key": "train"})
@@ -200,7 +201,7 @@ def test_bad_input_is_one_clear_error(pusht_pair, tmp_path):
     (old / "meta/info.json").write_text(json.dumps({"codebase_version": "v2.1", "fps": 10,
                                                     "features": {}, "data_path": "x"}))
     with pytest.raises(ValueError, match="codebase_version 'v2.1'"):
-        lr.load_replay(old, ["action"])
+        load_replay(old, ["action"])
 
 
 def test_demos_cli_writes_lerobot_and_train_reads_it(tmp_path):
@@ -233,7 +234,7 @@ def test_image_features_stored_as_png_are_read(tmp_path):
 
     rng = np.random.default_rng(2)
     eps = [{"action": rng.normal(size=(n, 2)).astype(np.float32)} for n in (4, 3)]
-    lr.write_lerobot(tmp_path / "d", iter(eps), fps=10)
+    write_lerobot(tmp_path / "d", iter(eps), fps=10)
     frames = rng.integers(0, 256, (7, 8, 10, 3), dtype=np.uint8)
 
     def png(image: np.ndarray) -> bytes:
@@ -250,7 +251,7 @@ def test_image_features_stored_as_png_are_read(tmp_path):
     info["features"]["observation.cam"] = {"dtype": "image", "shape": [8, 10, 3],
                                            "names": ["height", "width", "channels"]}
     (tmp_path / "d/meta/info.json").write_text(json.dumps(info))
-    buffer = lr.load_replay(tmp_path / "d", ["observation.cam", "action"])
+    buffer = load_replay(tmp_path / "d", ["observation.cam", "action"])
     assert np.array_equal(buffer["observation.cam"], frames)
     assert buffer.episode_ends.tolist() == [4, 7]
 
@@ -266,10 +267,10 @@ def test_robomimic_demos_in_lerobot_format(tmp_path, abs_actions):
     eps = robomimic_episodes(3, abs_actions=abs_actions)
     assert write_lerobot_demos(tmp_path / "lift", iter(eps), TASKS["lift"], "lift",
                                image=False, abs=abs_actions) == 3
-    info = lr.read_info(tmp_path / "lift")
+    info = read_info(tmp_path / "lift")
     dim = 10 if abs_actions else 7
     assert info["fps"] == 20 and info["features"]["action"]["shape"] == [dim]
-    buffer = lr.load_replay(tmp_path / "lift", ["action", "observation.robot0_eef_pos"])
+    buffer = load_replay(tmp_path / "lift", ["action", "observation.robot0_eef_pos"])
     np.testing.assert_allclose(buffer["action"][: len(eps[0]["actions"])], eps[0]["actions"],
                                rtol=1e-6, atol=1e-6)
     ds = load_dataset(OmegaConf.to_container(compose("train_policy", [
@@ -287,7 +288,7 @@ def test_robomimic_image_file_to_lerobot_videos(tmp_path):
 
     write_hdf5(tmp_path / "lift.hdf5", iter(robomimic_episodes(3, image=True)), image=True)
     convert(tmp_path / "lift.hdf5", tmp_path / "lift")
-    info = lr.read_info(tmp_path / "lift")
+    info = read_info(tmp_path / "lift")
     for camera in ("agentview_image", "robot0_eye_in_hand_image"):
         assert info["features"][f"observation.images.{camera}"]["dtype"] == "video"
     built = [load_dataset(OmegaConf.to_container(compose("train_policy", [

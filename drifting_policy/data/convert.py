@@ -6,7 +6,7 @@ The direction follows SRC's format (detected like a task's ``dataset.path``):
   for a PushT buffer (keys state, keypoint, action and img: ``observation.image``,
   ``observation.state`` = agent xy, ``observation.environment_state`` = keypoints), and
   otherwise ``observation.<key>`` / ``observation.images.<key>`` / ``action``
-  (:mod:`drifting_policy.data.lerobot_dataset`). ``--fps`` (default 10) is the control rate.
+  (:mod:`drifting_policy.data.lerobot_format`). ``--fps`` (default 10) is the control rate.
 - robomimic HDF5 -> LeRobot: every demo's observation keys (``*_image`` keys become videos) and
   ``action`` as training reads it (7-d delta, or 10-d position + rotation-6d + gripper for a
   file with absolute actions); fps 20 (robosuite's control rate). The file's env_args are kept
@@ -26,8 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from drifting_policy.data import lerobot_dataset as lr
 from drifting_policy.data.dataset import detect_format
+from drifting_policy.data.lerobot_format import PUSHT_LAYOUT
+from drifting_policy.data.lerobot_reader import read_episodes
+from drifting_policy.data.lerobot_writer import write_lerobot
 from drifting_policy.data.replay_buffer import ReplayBuffer, write_replay_atomic
 
 ROBOMIMIC_FPS = 20
@@ -70,7 +72,7 @@ def convert(src: str | Path, dst: str | Path, fps: int | None = None, layout: st
             raise ValueError(f"{dst}: LeRobot -> robomimic HDF5 is not supported (robomimic files "
                              "carry simulator states and env_args a LeRobot dataset does not "
                              "have); write a zarr directory instead")
-        return "zarr", write_replay_atomic(dst, lr.read_episodes(src))
+        return "zarr", write_replay_atomic(dst, read_episodes(src))
     metadata = {}
     if fmt == "robomimic":
         buffer, env_meta = _robomimic_buffer(src)
@@ -91,9 +93,9 @@ def convert(src: str | Path, dst: str | Path, fps: int | None = None, layout: st
                          f"keys: {buffer.keys()}")
     chosen = None
     if layout == "pusht" or (layout == "auto" and pusht):  # the image only when kept
-        chosen = {k: v for k, v in lr.PUSHT_LAYOUT.items() if v[0] in buffer}
-    n = lr.write_lerobot(dst, _episodes(buffer), fps=fps, layout=chosen, task=task,
-                         metadata=metadata)
+        chosen = {k: v for k, v in PUSHT_LAYOUT.items() if v[0] in buffer}
+    n = write_lerobot(dst, _episodes(buffer), fps=fps, layout=chosen, task=task,
+                      metadata=metadata)
     return "lerobot", n
 
 

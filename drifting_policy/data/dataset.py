@@ -301,7 +301,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         **kwargs: Any,
     ) -> SequenceDataset:
         """A LeRobotDataset v3 directory, read by
-        :func:`drifting_policy.data.lerobot_dataset.load_replay` (videos decoded once into the
+        :func:`drifting_policy.data.lerobot_reader.load_replay` (videos decoded once into the
         image cache; use_cache, cache_dir: see there). Windows, padding and normalisation are
         those of the same episodes in the task's own format.
 
@@ -318,7 +318,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         normalisation rules (see :meth:`from_robomimic`). filter_key must be None (LeRobot
         datasets have no robomimic masks).
         """
-        from drifting_policy.data import lerobot_dataset as lr
+        from drifting_policy.data import lerobot_format, lerobot_reader
 
         if filter_key is not None:
             raise ValueError(f"dataset.filter_key: {filter_key!r} selects robomimic HDF5 masks; "
@@ -333,11 +333,11 @@ class SequenceDataset(torch.utils.data.Dataset):
             obs_keys, rgb_keys = lerobot["obs_keys"], dict(lerobot.get("rgb_keys") or {})
             expect, first_k = lerobot.get("expect"), lerobot.get("first_k")
         else:
-            names = lr.read_info(path)["features"]
+            names = lerobot_reader.read_info(path)["features"]
             keys = {key for srcs in parse_obs_keys(obs_keys).values() for key, _ in srcs}
             keys |= set(rgb_keys.values()) | {"action"}
             for key in sorted(keys):
-                rename[key] = lr.feature_name(key, names)
+                rename[key] = lerobot_format.feature_name(key, names)
                 if rename[key] is None:
                     raise ValueError(
                         f"{path}: no LeRobot feature for '{key}' (tried '{key}', "
@@ -346,9 +346,9 @@ class SequenceDataset(torch.utils.data.Dataset):
         schema = parse_obs_keys(obs_keys)
         keys = {key for srcs in schema.values() for key, _ in srcs}
         keys = sorted(keys | set(rgb_keys.values()) | {"action"})
-        buffer = lr.load_replay(path, [rename.get(k, k) for k in keys], use_cache=use_cache,
-                                cache_dir=cache_dir,
-                                expect=None if rename else expect)
+        buffer = lerobot_reader.load_replay(path, [rename.get(k, k) for k in keys],
+                                            use_cache=use_cache, cache_dir=cache_dir,
+                                            expect=None if rename else expect)
         arrays = {}
         for key in keys:
             value = buffer[rename.get(key, key)]

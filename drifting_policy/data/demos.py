@@ -4,7 +4,7 @@ Each task is one entry of `TASKS`: where its per-episode collector lives (import
 the worker processes), which writer produces its native dataset format, and the task's own
 boolean flags (e.g. robomimic's --image / --abs), passed as keywords to both. With
 `--format lerobot` the same episodes are written as a LeRobotDataset v3 directory instead
-(`drifting_policy.data.lerobot_dataset`: the task's feature layout, its control rate as fps).
+(`drifting_policy.data.lerobot_writer`: the task's feature layout, its control rate as fps).
 Episodes run with seeds S, S+1, ... in parallel processes; only successful ones are kept, in
 seed order. The file is written to a hidden sibling directory and renamed into place at the
 end, so an interrupted run never leaves a half-written dataset, and an existing PATH is only
@@ -111,7 +111,8 @@ TASKS: dict[str, DemoTask] = {
 def write_lerobot_demos(path: str | os.PathLike, episodes: Iterable[dict], task: DemoTask,
                         name: str, **flags: bool) -> int:
     """The task's episodes as a LeRobotDataset v3 directory (atomic, see write_lerobot)."""
-    from drifting_policy.data.lerobot_dataset import PUSHT_LAYOUT, write_lerobot
+    from drifting_policy.data.lerobot_format import PUSHT_LAYOUT
+    from drifting_policy.data.lerobot_writer import write_lerobot
 
     arrays = (task.arrays(ep, **flags) if task.arrays else ep for ep in episodes)
     layout = PUSHT_LAYOUT if task.layout == "pusht" else None
