@@ -68,12 +68,8 @@ class VideoFrames:
         self.path, self.fps = path, fps
         self.container = av.open(str(path))
         self.frames = self.container.decode(video=0)
-        self.pending: tuple[int, np.ndarray] | None = None
 
     def _next(self) -> tuple[int, np.ndarray] | None:
-        if self.pending is not None:
-            item, self.pending = self.pending, None
-            return item
         frame = next(self.frames, None)
         if frame is None:
             return None
