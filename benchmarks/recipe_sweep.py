@@ -16,6 +16,7 @@ and the validation action MSE of the final weights. Each recipe reports mean +- 
     python benchmarks/recipe_sweep.py                        # the full sweep (many CPU hours)
     python benchmarks/recipe_sweep.py --tasks pusht_lowdim --seeds 2 --steps 3000
     python benchmarks/recipe_sweep.py --steps pusht_lowdim=3000,blockpush_lowdim=5000
+    python benchmarks/recipe_sweep.py --design axes          # one factor at a time (7 recipes)
     python benchmarks/recipe_sweep.py --quick                # smoke run: PushT, tiny budget
     python benchmarks/recipe_sweep.py --list                 # cells and whether they are done
 
@@ -78,9 +79,27 @@ def recipes(gs: tuple[int, ...]) -> list[tuple[str, str, int]]:
             for normalize in NORMALIZATIONS if not (grouping == "flat" and normalize == "global")]
 
 
-def cells(tasks: list[str], gs: tuple[int, ...], seeds: int) -> list[Cell]:
+def axes(gs: tuple[int, ...], default: tuple[str, str, int]) -> list[tuple[str, str, int]]:
+    """One factor at a time around the `default` recipe (grouping, normalize, G): every
+    grouping x normalize at the default G, then every G in `gs` with the default grouping and
+    normalisation (each recipe once)."""
+    grouping, normalize, g_default = default
+    around = recipes((g_default,))
+    return around + [(grouping, normalize, g) for g in gs if (grouping, normalize, g) not in around]
+
+
+def cells(tasks: list[str], gs: tuple[int, ...], seeds: int,
+          default: tuple[str, str, int] | None = None) -> list[Cell]:
+    """The sweep's runs: the full factorial of recipes(gs), or (`default` given) its axes."""
+    chosen = recipes(gs) if default is None else axes(gs, default)
     return [Cell(task, grouping, normalize, g, 42 + i) for task in tasks
-            for grouping, normalize, g in recipes(gs) for i in range(seeds)]
+            for grouping, normalize, g in chosen for i in range(seeds)]
+
+
+def default_recipe() -> tuple[str, str, int]:
+    """The drifting policy's configured (grouping, normalize, gen_per_obs)."""
+    policy = compose("train_policy", ["policy=drifting"]).policy
+    return policy.grouping, policy.normalize, int(policy.gen_per_obs)
 
 
 def train_overrides(cell: Cell, run_dir: Path, steps: int, args, resume: bool) -> list[str]:
@@ -243,6 +262,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="JSON (default benchmarks/results/recipe_sweep.json; --quick: in --work)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: PushT on 3 demos, G = 2, one seed, 4 steps, 1 short rollout")
+    p.add_argument("--design", choices=("factorial", "axes"), default="factorial",
+                   help="factorial: grouping x normalize x G; axes: one factor at a time around "
+                        "the configured default (grouping x normalize at its G, then each G)")
     p.add_argument("--jobs", type=int, default=1, help="cells trained at once")
     p.add_argument("--list", action="store_true", help="print the cells and their status only")
     p.add_argument("overrides", nargs="*", help="extra `drifting-policy train` overrides")
@@ -275,7 +297,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None, train=launch) -> int:
     args = parse_args(argv)
-    todo = cells(args.task_list, args.g_values, args.seeds)
+    todo = cells(args.task_list, args.g_values, args.seeds,
+                 default_recipe() if args.design == "axes" else None)
     if args.list:
         for cell in todo:
             print(f"{status(cell, args.work):<8} {cell.task:<18} {cell.recipe:<24} "
@@ -326,6 +349,7 @@ def write(results: list[dict], args) -> list[dict]:
     """The sweep's JSON (cells, per-recipe summary, best recipe per task); returns the rows."""
     rows = summary_rows(results)
     meta = {"tasks": args.task_list, "gen_per_obs": list(args.g_values), "seeds": args.seeds,
+            "design": args.design,
             "steps": args.steps_per_task, "rollouts_per_run": args.rollouts,
             "last_k": args.last_k, "n_test": args.n_test, "size": args.size,
             "quick": args.quick, "overrides": args.overrides, "machine": platform.machine(),
