@@ -19,11 +19,14 @@ def standard():
 def test_defaults_are_the_tested_configuration():
     cfg = ToyConfig()
     assert (cfg.target, cfg.init, cfg.affinity_floor, cfg.attraction_scale, cfg.lr) == (
-        "gaussians8", "collapsed", 0.0, 1.0, 1e-2)
+        "gaussians8", "collapsed", 0.0, 1.0, 2e-2)
 
 
 def test_collapsed_init_recovers_all_modes(standard):
     assert standard["modes_covered"] == standard["n_modes"] == 8
+    # samples sit on the modes, not on bridges between them (measured 0.93 on seed 0; the data
+    # itself puts 99% within the 3-sigma discs)
+    assert standard["on_support_fraction"] > 0.85
     # Threshold from an independent computation: a perfect sampler of 7 of the 8 modes (the
     # smallest mode-collapse failure) lies above 2x the data-vs-data SW2; the trained generator
     # must lie below it.
@@ -41,8 +44,11 @@ def test_collapsed_init_recovers_all_modes(standard):
 
 def test_release_affinity_floor_keeps_many_samples_collapsed():
     """With ~500 samples per problem the floor's 1e-3 affinity to every pair sums to a pull
-    towards the data centroid: the generator never leaves it (drifting.md section 1)."""
-    m = train_toy(ToyConfig(steps=300, affinity_floor=1e-6), progress=False)
+    towards the data centroid: the generator never leaves it (drifting.md section 1). Measured
+    with the default 3,000 steps at lr 2e-2: 0/8 modes, SW2 13.7x; tested on a short cosine
+    schedule at lr 1e-2 (the same result in a tenth of the time; 300 steps at 2e-2 smear the
+    point out transiently before the schedule ends)."""
+    m = train_toy(ToyConfig(steps=300, lr=1e-2, affinity_floor=1e-6), progress=False)
     assert m["modes_covered"] == 0
     assert m["sw2"] > 5 * m["sw2_data_baseline"]
 
@@ -50,8 +56,8 @@ def test_release_affinity_floor_keeps_many_samples_collapsed():
 def test_broken_antisymmetry_hurts(standard):
     """Attraction x1.5: the field no longer vanishes at p = q, so its fixed point is not the
     data — samples contract onto the mode centres (within-mode spread well below the data's,
-    measured 0.74), while the anti-symmetric field fills each mode about as widely as the data
-    does (measured 0.97)."""
+    measured 0.67), while the anti-symmetric field fills each mode about as widely as the data
+    does (measured 0.96)."""
     broken = train_toy(ToyConfig(attraction_scale=1.5), progress=False)
     assert broken["spread_ratio"] < 0.85
     assert standard["spread_ratio"] > 0.9
