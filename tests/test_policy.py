@@ -43,7 +43,9 @@ def test_actions_are_unnormalised():
     naction = p.sample(torch.randn(4, 8, 2), p._encode(p._check_obs(x)))
     torch.manual_seed(0)
     pred = p.predict_action(x)["action_pred"]
-    torch.testing.assert_close(pred, p.normalizer["action"].unnormalize(naction))
+    # same noise through two call paths (inference mode, batch layout): float32 round-off only
+    torch.testing.assert_close(pred, p.normalizer["action"].unnormalize(naction),
+                               rtol=1e-4, atol=1e-5)
     # normalised [-1, 1] maps to the data range [-2, 2]
     one = torch.ones(1, 1, 2)
     torch.testing.assert_close(p.normalizer["action"].unnormalize(one), 2 * one, atol=0.1, rtol=0)
