@@ -89,16 +89,18 @@ def axes(gs: tuple[int, ...], default: tuple[str, str, int]) -> list[tuple[str, 
 
 
 def cells(tasks: list[str], gs: tuple[int, ...], seeds: int,
-          default: tuple[str, str, int] | None = None) -> list[Cell]:
-    """The sweep's runs: the full factorial of recipes(gs), or (`default` given) its axes."""
-    chosen = recipes(gs) if default is None else axes(gs, default)
+          defaults: dict[str, tuple[str, str, int]] | None = None) -> list[Cell]:
+    """The sweep's runs: the full factorial of recipes(gs), or (`defaults` given: each task's
+    configured recipe) the axes around each task's default."""
     return [Cell(task, grouping, normalize, g, 42 + i) for task in tasks
-            for grouping, normalize, g in chosen for i in range(seeds)]
+            for grouping, normalize, g in (recipes(gs) if defaults is None
+                                           else axes(gs, defaults[task]))
+            for i in range(seeds)]
 
 
-def default_recipe() -> tuple[str, str, int]:
-    """The drifting policy's configured (grouping, normalize, gen_per_obs)."""
-    policy = compose("train_policy", ["policy=drifting"]).policy
+def default_recipe(task: str) -> tuple[str, str, int]:
+    """The task's configured drifting-loss recipe (task.drift_loss): grouping, normalize, G."""
+    policy = compose("train_policy", [f"task={task}", "policy=drifting"]).policy
     return policy.grouping, policy.normalize, int(policy.gen_per_obs)
 
 
@@ -264,7 +266,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="smoke run: PushT on 3 demos, G = 2, one seed, 4 steps, 1 short rollout")
     p.add_argument("--design", choices=("factorial", "axes"), default="factorial",
                    help="factorial: grouping x normalize x G; axes: one factor at a time around "
-                        "the configured default (grouping x normalize at its G, then each G)")
+                        "each task's configured recipe (task.drift_loss: grouping x normalize "
+                        "at its G, then each G)")
     p.add_argument("--jobs", type=int, default=1, help="cells trained at once")
     p.add_argument("--list", action="store_true", help="print the cells and their status only")
     p.add_argument("overrides", nargs="*", help="extra `drifting-policy train` overrides")
@@ -298,7 +301,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None, train=launch) -> int:
     args = parse_args(argv)
     todo = cells(args.task_list, args.g_values, args.seeds,
-                 default_recipe() if args.design == "axes" else None)
+                 {t: default_recipe(t) for t in args.task_list} if args.design == "axes" else None)
     if args.list:
         for cell in todo:
             print(f"{status(cell, args.work):<8} {cell.task:<18} {cell.recipe:<24} "

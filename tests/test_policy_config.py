@@ -95,6 +95,23 @@ def test_hydra_policy_configs_convert_to_typed_configs():
                 cfg.task.shape_meta, resolve=True)
 
 
+def test_the_task_sets_the_drift_loss_recipe_and_the_command_line_wins():
+    """task.drift_loss (configs/task/_base.yaml, a task file may change it) becomes the drifting
+    policy's grouping / normalize / G; an explicit policy.* override still wins."""
+    from omegaconf import OmegaConf
+
+    def typed(*overrides):
+        cfg = compose("train_policy", ["task=can_lowdim", "policy=drifting", *overrides])
+        return config_from_dict(OmegaConf.to_container(cfg.policy, resolve=True))
+
+    base = typed()
+    assert (base.grouping, base.normalize, base.gen_per_obs) == ("per_timestep", "per_group", 8)
+    task = typed("task.drift_loss.grouping=per_dim", "task.drift_loss.gen_per_obs=4")
+    assert (task.grouping, task.normalize, task.gen_per_obs) == ("per_dim", "per_group", 4)
+    cli = typed("task.drift_loss.grouping=per_dim", "policy.grouping=flat")
+    assert cli.grouping == "flat"
+
+
 # ------------------------------------------------------------------------ save / load
 @pytest.mark.parametrize("config", [DriftingConfig(shape_meta=IMAGE, crop_shape=(36, 36), **SMALL),
                                     DiffusionConfig(shape_meta=LOWDIM, scheduler="ddim",

@@ -23,19 +23,23 @@ def test_recipes_cover_groupings_normalisations_and_g_with_flat_once():
     assert len(cells) == 2 * 5 * 2 and {c.seed for c in cells} == {42, 43}
 
 
-def test_axes_design_varies_one_factor_at_a_time_around_the_default():
-    default = recipe_sweep.default_recipe()
-    assert default == ("per_timestep", "per_group", 8)  # configs/policy/drifting_unet.yaml
+def test_axes_design_varies_one_factor_at_a_time_around_each_tasks_default():
+    default = recipe_sweep.default_recipe("pusht_lowdim")
+    assert default == ("per_timestep", "per_group", 8)  # configs/task/_base.yaml drift_loss
     got = recipe_sweep.axes((2, 4, 8), default)
     assert got == [("per_timestep", "per_group", 8), ("per_timestep", "global", 8),
                    ("per_dim", "per_group", 8), ("per_dim", "global", 8),
                    ("flat", "per_group", 8),
                    ("per_timestep", "per_group", 2), ("per_timestep", "per_group", 4)]
-    cells = recipe_sweep.cells(["pusht_lowdim"], (2, 4, 8), seeds=2, default=default)
+    cells = recipe_sweep.cells(["pusht_lowdim", "can_lowdim"], (2, 4, 8), seeds=2, defaults={
+        "pusht_lowdim": default, "can_lowdim": ("per_dim", "global", 4)})
     assert [(c.recipe, c.seed) for c in cells[:2]] == [
         ("per_timestep/per_group/G8", 42), ("per_timestep/per_group/G8", 43)]
-    assert len(cells) == 7 * 2 and set(cells) < set(recipe_sweep.cells(["pusht_lowdim"],
-                                                                        (2, 4, 8), seeds=2))
+    can = [c.recipe for c in cells if c.task == "can_lowdim"][::2]
+    assert can[:5] == [f"{g}/{n}/G4" for g, n, _ in recipe_sweep.recipes((4,))]
+    assert can[5:] == ["per_dim/global/G2", "per_dim/global/G8"]
+    assert len(cells) == 2 * 7 * 2 and set(cells) < set(recipe_sweep.cells(
+        ["pusht_lowdim", "can_lowdim"], (2, 4, 8), seeds=2))
 
 
 def _args(tmp_path, *extra):
