@@ -45,6 +45,7 @@ from compare import summarise
 from table import TASKS, _per_task, ensure_demos, protocol
 
 from drifting_policy.config import compose
+from drifting_policy.persist import atomic_path
 from drifting_policy.plots import read_logs
 
 SWEEP_TASKS = ("pusht_lowdim", "lift_lowdim", "can_lowdim", "blockpush_lowdim")
@@ -349,17 +350,25 @@ def main(argv: list[str] | None = None, train=launch) -> int:
 
 
 def write(results: list[dict], args) -> list[dict]:
-    """The sweep's JSON (cells, per-recipe summary, best recipe per task); returns the rows."""
-    rows = summary_rows(results)
-    meta = {"tasks": args.task_list, "gen_per_obs": list(args.g_values), "seeds": args.seeds,
-            "design": args.design,
-            "steps": args.steps_per_task, "rollouts_per_run": args.rollouts,
-            "last_k": args.last_k, "n_test": args.n_test, "size": args.size,
-            "quick": args.quick, "overrides": args.overrides, "machine": platform.machine(),
-            "command": "python benchmarks/recipe_sweep.py " + " ".join(sys.argv[1:])}
+    """The sweep's JSON (cells, per-recipe summary, best recipe per task); returns the rows.
+    Tasks this invocation does not sweep keep their cells and settings from the existing file,
+    so tasks can be swept in separate sittings into one JSON."""
+    old = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    kept = [c for c in old.get("cells", []) if c["task"] not in args.task_list]
+    settings = {"design": args.design, "gen_per_obs": list(args.g_values), "seeds": args.seeds,
+                "rollouts_per_run": args.rollouts, "last_k": args.last_k, "n_test": args.n_test,
+                "size": args.size, "quick": args.quick, "overrides": args.overrides,
+                "command": "python benchmarks/recipe_sweep.py " + " ".join(sys.argv[1:])}
+    tasks = {t: v for t, v in old.get("meta", {}).get("tasks", {}).items()
+             if t not in args.task_list and isinstance(v, dict)}
+    tasks |= {t: {"steps": args.steps_per_task[t], **settings} for t in args.task_list}
+    cells_ = kept + results
+    rows = summary_rows(cells_)
+    meta = {"tasks": tasks, "machine": platform.machine()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "summary": rows, "best": best_recipes(rows),
-                                    "cells": results}, indent=1))
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(json.dumps({"meta": meta, "summary": rows, "best": best_recipes(rows),
+                                   "cells": cells_}, indent=1))
     return rows
 
 

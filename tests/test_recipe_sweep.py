@@ -111,6 +111,19 @@ def test_finished_cells_are_skipped_and_interrupted_ones_resume(tmp_path):
     assert json.loads((tmp_path / "sweep.json").read_text())["summary"] == first["summary"]
 
 
+def test_tasks_swept_in_separate_sittings_share_one_json(tmp_path):
+    recipe_sweep.main(_args(tmp_path), train=FakeTrainer())
+    pusht = json.loads((tmp_path / "sweep.json").read_text())
+    recipe_sweep.main(_args(tmp_path, "--tasks", "can_lowdim", "--gs", "4"), train=FakeTrainer())
+    both = json.loads((tmp_path / "sweep.json").read_text())
+    assert [c for c in both["cells"] if c["task"] == "pusht_lowdim"] == pusht["cells"]
+    assert {c["task"] for c in both["cells"]} == {"pusht_lowdim", "can_lowdim"}
+    assert len(both["cells"]) == 20 + 10 and set(both["best"]) == {"pusht_lowdim", "can_lowdim"}
+    tasks = both["meta"]["tasks"]
+    assert tasks["pusht_lowdim"]["gen_per_obs"] == [2, 4]
+    assert tasks["can_lowdim"]["gen_per_obs"] == [4]
+
+
 def test_parallel_jobs_train_cells_at_once_with_a_share_of_the_cores(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "unset")  # restored after the test
     serial = FakeTrainer()
@@ -150,7 +163,7 @@ def test_quick_sweep_end_to_end(tmp_path):
     argv = ["--quick", "--work", str(tmp_path / "quick")]
     assert recipe_sweep.main(argv) == 0
     out = json.loads((tmp_path / "quick" / "recipe_sweep.json").read_text())
-    assert len(out["cells"]) == 5 and out["meta"]["quick"]
+    assert len(out["cells"]) == 5 and out["meta"]["tasks"]["pusht_lowdim"]["quick"]
     for cell in out["cells"]:
         assert cell["steps"] == 4 and cell["protocol"]["k"] == 1
         assert 0.0 <= cell["protocol"]["max"] <= 1.0 and cell["val_action_mse"] > 0
