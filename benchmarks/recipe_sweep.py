@@ -359,8 +359,9 @@ def write(results: list[dict], args) -> list[dict]:
                 "rollouts_per_run": args.rollouts, "last_k": args.last_k, "n_test": args.n_test,
                 "size": args.size, "quick": args.quick, "overrides": args.overrides,
                 "command": "python benchmarks/recipe_sweep.py " + " ".join(sys.argv[1:])}
-    tasks = {t: v for t, v in old.get("meta", {}).get("tasks", {}).items()
-             if t not in args.task_list and isinstance(v, dict)}
+    previous = old.get("meta", {}).get("tasks")
+    tasks = {t: v for t, v in (previous if isinstance(previous, dict) else {}).items()
+             if t not in args.task_list}
     tasks |= {t: {"steps": args.steps_per_task[t], **settings} for t in args.task_list}
     cells_ = kept + results
     rows = summary_rows(cells_)
