@@ -102,7 +102,7 @@ def test_runs_keep_their_plan_resume_and_are_read_back_when_finished(tmp_path, m
     monkeypatch.setattr(table, "TrainWorkspace", FakeWorkspace)
     FakeWorkspace.configs = []
     args = table.argparse.Namespace(work=tmp_path, rollouts=4, n_test=2, n_envs=1, size="cpu",
-                                    overrides=[])
+                                    overrides=[], periodic_sampler="ddim10")
     spec = table.TASKS["pusht_lowdim"]
     first = table.train("pusht_lowdim", spec, "drifting", 42, 1.0, args)
     run_dir = tmp_path / "pusht_lowdim" / "drifting_seed42"
@@ -122,6 +122,15 @@ def test_runs_keep_their_plan_resume_and_are_read_back_when_finished(tmp_path, m
     cfg = FakeWorkspace.configs[-1]
     assert (cfg.training.num_steps, cfg.resume, len(probes)) == (150, True, 1)  # same plan
     assert again["steps"] == 148 and again["seconds_per_step"] == 0.4
+    # a diffusion run continues with the periodic sampler it started with, or not at all
+    table.train("pusht_lowdim", spec, "diffusion", 42, 1.0, args)
+    assert FakeWorkspace.configs[-1].policy.num_inference_steps == 10  # DDIM-10 rollouts
+    diffusion = tmp_path / "pusht_lowdim" / "diffusion_seed42"
+    (diffusion / "run.json").unlink()
+    (diffusion / "checkpoints" / "latest").mkdir(parents=True)
+    args.periodic_sampler = "ddpm100"
+    with pytest.raises(SystemExit, match="started with --periodic-sampler ddim10"):
+        table.train("pusht_lowdim", spec, "diffusion", 42, 1.0, args)
 
 
 @pytest.mark.slow
@@ -140,8 +149,10 @@ def test_tiny_table_run_writes_the_contract_json(tmp_path, monkeypatch):
     assert table.main() == 0
     rows = json.loads(out.read_text())["rows"]
     assert (tmp_path / "table_curves.png").stat().st_size > 5_000
-    assert {(r["policy"], r["budget"]) for r in rows} == {
-        (p, b) for p in ("drifting", "ddpm100") for b in ("equal_time", "equal_steps")}
+    assert {(r["policy"], r["budget"]) for r in rows} == {  # DDIM-10 periodic, DDPM-100 final
+        (p, b) for p in ("drifting", "ddim10", "ddpm100") for b in ("equal_time", "equal_steps")}
+    final = next(r for r in rows if r["policy"] == "ddpm100")
+    assert final["k"] == 1 and final["nfe"] == 100
     for r in rows:
         assert {"seeds", "score_max", "score_last_k", "k", "metric", "train_minutes",
                 "train_steps", "nfe", "latency_ms"} <= set(r)
