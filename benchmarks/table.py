@@ -15,7 +15,8 @@ protocol scores with DDPM-100, but on this CPU its evaluation alone exceeds ever
 2.4 h / 65 min against 30 / 15 min of training). So by default (--periodic-sampler ddim10)
 DDIM-10 scores diffusion's periodic rollouts and DDPM-100 scores its final weights, in its own
 row (k = 1); --periodic-sampler ddpm100 where evaluation is cheap. A run's score is the max and
-the mean of its last k rollouts (k = min(10, rollouts)); rows give mean +- std over seeds.
+the mean of its last k rollouts (--last-k 3 of --rollouts 10: the final 30% of training, where
+Diffusion Policy averages its last 10 of dozens of checkpoints); rows give mean +- std over seeds.
 
 Equal wall-clock is the headline. Equal steps is reported beside it from the same runs: each
 policy's rollouts up to the step count the slower-stepping policy reached (the lr schedules are
@@ -413,7 +414,9 @@ def main() -> int:
     p.add_argument("--minutes", default=None, help="M (all tasks) or task=M,task=M")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--rollouts", type=int, default=10, help="periodic rollouts per run")
-    p.add_argument("--last-k", type=int, default=10, help="DP's mean of the last k rollouts")
+    p.add_argument("--last-k", type=int, default=3,
+                   help="DP's mean of the last k rollouts (DP: the last 10 of dozens of "
+                        "checkpoints; here 3 of 10: the final 30%% of training)")
     p.add_argument("--n-test", type=int, default=50)
     p.add_argument("--n-envs", type=int, default=2)
     p.add_argument("--size", default="cpu")
