@@ -134,6 +134,18 @@ def seconds_per_step(task: str, policy: str, args, extra: list[str]) -> float:
     return (ws.train_seconds - t0) / 20
 
 
+def measured_seconds_per_step(run_dir: Path) -> float | None:
+    """The step time a finished run of the same task and policy (another seed) measured over
+    its whole budget, or None. Later seeds plan with it: a 20-step probe varies by +-20% with
+    what the other job is doing at that moment."""
+    for other in sorted(run_dir.parent.glob(run_dir.name.rsplit("_seed", 1)[0] + "_seed*")):
+        if other != run_dir and (other / "run.json").is_file():
+            done = json.loads((other / "run.json").read_text())
+            if done["steps"]:
+                return done["train_seconds"] / done["steps"]
+    return None
+
+
 def train(task: str, spec: TaskSpec, policy: str, seed: int, minutes: float, args) -> dict:
     """One equal-time run with periodic rollouts; returns its curve and final workspace facts.
 
@@ -154,7 +166,7 @@ def train(task: str, spec: TaskSpec, policy: str, seed: int, minutes: float, arg
             raise SystemExit(f"error: {run_dir} was started with --periodic-sampler "
                              f"{plan.get('periodic_sampler')}, not {args.periodic_sampler}")
     else:
-        step_s = seconds_per_step(task, policy, args, extra)
+        step_s = measured_seconds_per_step(run_dir) or seconds_per_step(task, policy, args, extra)
         plan = {"seconds_per_step": step_s, "minutes": minutes,
                 "planned_steps": max(int(60 * minutes / step_s), args.rollouts),
                 "threads": torch.get_num_threads(), "periodic_sampler": args.periodic_sampler}

@@ -122,6 +122,10 @@ def test_runs_keep_their_plan_resume_and_are_read_back_when_finished(tmp_path, m
     cfg = FakeWorkspace.configs[-1]
     assert (cfg.training.num_steps, cfg.resume, len(probes)) == (150, True, 1)  # same plan
     assert again["steps"] == 148 and again["seconds_per_step"] == 0.4
+    # another seed plans with the finished run's measured step time (0.5 s), not a probe
+    probes.clear()
+    other = table.train("pusht_lowdim", spec, "drifting", 43, 1.0, args)
+    assert (other["planned_steps"], other["seconds_per_step"], probes) == (120, 0.5, [])
     # a diffusion run continues with the periodic sampler it started with, or not at all
     table.train("pusht_lowdim", spec, "diffusion", 42, 1.0, args)
     assert FakeWorkspace.configs[-1].policy.num_inference_steps == 10  # DDIM-10 rollouts
