@@ -12,6 +12,7 @@ import zarr
 from safetensors.torch import load_file, save_file
 
 from drifting_policy.data.dataset import SequenceDataset, parse_obs_keys
+from drifting_policy.data.frames import as_uint8
 from drifting_policy.data.replay_buffer import ReplayBuffer
 from drifting_policy.data.sampler import (
     SequenceSampler,
@@ -387,3 +388,14 @@ def test_validation_split_is_disjoint_and_seeded():
     small = SequenceDataset(buf, seed=3, max_train_episodes=5, **kwargs)
     assert small.episode_mask.sum() == 5
     assert not np.any(small.episode_mask & small.get_validation_dataset().episode_mask)
+
+
+def test_as_uint8_rounds_floats_and_rejects_out_of_range():
+    frames = np.array([[0.0, 0.4, 0.6], [127.5, 254.6, 255.0]], np.float32)
+    assert as_uint8(frames).tolist() == [[0, 0, 1], [128, 255, 255]]
+    raw = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    assert as_uint8(raw) is raw
+    with pytest.raises(ValueError, match=r"0\.\.255, got \[-1\.0, 3\.0\]"):
+        as_uint8(np.array([-1.0, 3.0]))
+    with pytest.raises(ValueError, match="256"):
+        as_uint8(np.array([256.0]))

@@ -57,19 +57,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from drifting_policy.data.frames import as_uint8
 from drifting_policy.data.replay_buffer import ReplayBuffer
 from drifting_policy.data.sampler import SequenceSampler, downsample_mask, get_val_mask
 from drifting_policy.nn.normalizer import LinearNormalizer
 
 Source = tuple[str, tuple[int, int] | None]
-
-
-def _as_uint8(frames: np.ndarray) -> np.ndarray:
-    """Images in 0..255 as uint8; float sources (Diffusion Policy's PushT zarr stores float32
-    0..255) are rounded."""
-    if frames.dtype == np.uint8:
-        return frames
-    return np.clip(np.rint(frames), 0, 255).astype(np.uint8)
 
 
 def _stats(x: np.ndarray) -> dict[str, np.ndarray]:
@@ -404,7 +397,7 @@ class SequenceDataset(torch.utils.data.Dataset):
     def _to_obs(self, sample: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         obs = {name: self._lowdim(sample, name) for name in self.obs_keys}
         for name, key in self.rgb_keys.items():
-            frames = _as_uint8(sample[key][: self._first_k.get(key)])  # the frames read
+            frames = as_uint8(sample[key][: self._first_k.get(key)])  # the frames read
             obs[name] = np.ascontiguousarray(np.moveaxis(frames, -1, 1))
         return obs
 

@@ -14,17 +14,6 @@ from pathlib import Path
 import numpy as np
 
 
-def as_uint8(frames: np.ndarray) -> np.ndarray:
-    """Frames [L, H, W, 3] as uint8 for the encoder: uint8 as is, floats in 0..255 rounded;
-    ValueError for values outside 0..255."""
-    if frames.dtype == np.uint8:
-        return frames
-    if frames.size and (np.nanmin(frames) < 0 or np.nanmax(frames) > 255):
-        raise ValueError(f"image frames must lie in 0..255, got [{np.nanmin(frames)}, "
-                         f"{np.nanmax(frames)}] ({frames.dtype})")
-    return np.rint(frames).astype(np.uint8)
-
-
 class VideoFile:
     """One mp4 being written: frames get consecutive pts in units of 1 / fps; ``bytes`` counts
     the encoded size so far."""

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from drifting_policy.data.frames import as_uint8
 from drifting_policy.data.lerobot_format import (
     CHUNKS_SIZE,
     CODEBASE_VERSION,
@@ -35,7 +36,7 @@ from drifting_policy.data.lerobot_format import (
     next_file,
     tasks_table,
 )
-from drifting_policy.data.lerobot_video import VideoFile, as_uint8
+from drifting_policy.data.lerobot_video import VideoFile
 from drifting_policy.persist import atomic_path
 
 
