@@ -4,7 +4,7 @@
     drifting-policy toy   ...                  2-D drifting demo
     drifting-policy demos pusht --episodes N --out PATH.zarr   [--format lerobot]
     drifting-policy convert SRC DST             zarr / robomimic HDF5 <-> LeRobot v3
-    drifting-policy train task=pusht_lowdim policy=drifting [hydra overrides]
+    drifting-policy train task=pusht_lowdim policy=drifting [overrides]  (--help: configs)
     drifting-policy eval  --checkpoint DIR --n-test 50 --out DIR
     drifting-policy bench latency --quick --out FILE.json
     drifting-policy bench control --quick --out FILE.json

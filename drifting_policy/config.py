@@ -25,3 +25,10 @@ def compose(name: str = "train_policy", overrides: list[str] | None = None):
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return hydra_compose(name, overrides=list(overrides or []))
+
+
+def config_choices(group: str) -> list[str]:
+    """The selectable configs of a group (``task``, ``policy``, ``size``): configs/<group>/*.yaml
+    without the shared ``_*.yaml`` bases, sorted."""
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml")
+                  if not p.name.startswith("_"))

@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from drifting_policy import checkpoint as ckpt
-from drifting_policy.config import compose
+from drifting_policy.config import compose, config_choices
 from drifting_policy.data.dataset import load_dataset
 from drifting_policy.data.sampler import EpochBatchSampler
 from drifting_policy.persist import rng_state, set_rng_state
@@ -421,8 +421,22 @@ class TrainWorkspace:
             dist.barrier()
 
 
+def usage() -> str:
+    """`drifting-policy train --help`: the command line and the configs each group offers."""
+    groups = "\n".join(f"  {group:<7} {' | '.join(config_choices(group))}"
+                       for group in ("task", "policy", "size"))
+    return (f"usage: drifting-policy train [key=value ...]   (hydra overrides)\n\n"
+            f"{__doc__.strip()}\n\nconfig groups (configs/<group>/<name>.yaml):\n{groups}\n"
+            f"\nevery other key of configs/train_policy.yaml is overridden as key=value, "
+            f"e.g. training.batch_size=64 seed=43 run_dir=outputs/my_run\n")
+
+
 def main(overrides: list[str] | None = None) -> int:
-    """Compose configs/train_policy.yaml with hydra overrides and train."""
+    """Compose configs/train_policy.yaml with hydra overrides and train (``-h`` / ``--help``:
+    print `usage()` instead)."""
+    if overrides and {"-h", "--help"} & set(overrides):
+        print(usage())
+        return 0
     ws = TrainWorkspace(compose("train_policy", overrides))
     metrics = ws.run()
     if ws.rank == 0:

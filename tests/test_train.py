@@ -204,3 +204,16 @@ def test_torchrun_ddp_two_processes(tmp_path, pusht_zarr):
     assert state["step"] == 3
     # each rank consumed its own half of every epoch's shuffled order
     assert state["batches"]["consumed"] == 3
+
+
+def test_train_help_lists_every_selectable_config(tmp_path, capsys):
+    from drifting_policy.cli import main as cli
+
+    assert cli(["train", "--help", f"run_dir={tmp_path / 'never'}"]) == 0
+    text = capsys.readouterr().out
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for group in ("task", "policy", "size"):
+        line = next(row for row in text.splitlines() if row.strip().startswith(group + " "))
+        names = {p.stem for p in (configs / group).glob("*.yaml") if not p.stem.startswith("_")}
+        assert set(line.split(None, 1)[1].split(" | ")) == names
+    assert "_base" not in text and not (tmp_path / "never").exists()  # nothing trained
