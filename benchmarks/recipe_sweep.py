@@ -228,8 +228,8 @@ def plot(rows: list[dict], path: Path) -> None:
                         ys.append(row[key]["mean"])
                         es.append(row[key]["std"])
                 ax.bar(xs, ys, width, yerr=es, capsize=2, label=name, color=f"C{i}")
-        metric = next(r["metric"] for r in rows if r["task"] == task)
-        ax_score.set_ylabel(f"{task}\n{metric}: mean of last k")
+        first = next(r for r in rows if r["task"] == task)
+        ax_score.set_ylabel(f"{task}\n{first['metric']}: mean of last {first['k']}")
         ax_mse.set_ylabel("val action MSE")
         for ax in (ax_score, ax_mse):
             ax.set_xticks(range(len(gs)), [f"G = {g}" for g in gs])
