@@ -100,12 +100,14 @@ def test_the_task_sets_the_drift_loss_recipe_and_the_command_line_wins():
     policy's grouping / normalize / G; an explicit policy.* override still wins."""
     from omegaconf import OmegaConf
 
-    def typed(*overrides):
-        cfg = compose("train_policy", ["task=can_lowdim", "policy=drifting", *overrides])
+    def typed(*overrides, task="can_lowdim"):
+        cfg = compose("train_policy", [f"task={task}", "policy=drifting", *overrides])
         return config_from_dict(OmegaConf.to_container(cfg.policy, resolve=True))
 
-    base = typed()
-    assert (base.grouping, base.normalize, base.gen_per_obs) == ("per_timestep", "per_group", 8)
+    pusht = typed(task="pusht_lowdim")
+    assert (pusht.grouping, pusht.normalize, pusht.gen_per_obs) == ("per_timestep", "per_group", 8)
+    for robomimic in ("lift_lowdim", "can_lowdim", "tool_hang_image"):  # the family's recipe
+        assert typed(task=robomimic).grouping == "flat"
     task = typed("task.drift_loss.grouping=per_dim", "task.drift_loss.gen_per_obs=4")
     assert (task.grouping, task.normalize, task.gen_per_obs) == ("per_dim", "per_group", 4)
     cli = typed("task.drift_loss.grouping=per_dim", "policy.grouping=flat")
