@@ -185,7 +185,8 @@ def summary_rows(results: list[dict]) -> list[dict]:
 
 def best_recipes(rows: list[dict]) -> dict[str, dict]:
     """Per task: the recipe with the highest mean-of-last-k score (ties: lower val MSE), and
-    the recipes within one standard deviation of it (not distinguishable at these seeds)."""
+    `within_one_std`: the others whose mean +- std overlaps the best's (not distinguishable at
+    these seeds)."""
     out = {}
     for task in dict.fromkeys(r["task"] for r in rows):
         scored = [r for r in rows if r["task"] == task and r["score_last_k"]]
@@ -198,14 +199,15 @@ def best_recipes(rows: list[dict]) -> dict[str, dict]:
         best = min(scored, key=key)
         floor = best["score_last_k"]["mean"] - best["score_last_k"]["std"]
         out[task] = {"recipe": best["recipe"], "score_last_k": best["score_last_k"],
-                     "within_one_std": [r["recipe"] for r in scored
-                                        if r is not best and r["score_last_k"]["mean"] >= floor]}
+                     "within_one_std": [r["recipe"] for r in scored if r is not best and
+                                        r["score_last_k"]["mean"] + r["score_last_k"]["std"]
+                                        >= floor - 1e-9]}
     return out
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Per task: mean-of-last-k score and val action MSE of every recipe (bars: mean over
-    seeds, whiskers: std), grouped by G."""
+    """Per task: mean-of-last-k score (on 0..1) and val action MSE of every recipe (bars: mean
+    over seeds, whiskers: std), grouped by G."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -231,6 +233,7 @@ def plot(rows: list[dict], path: Path) -> None:
         first = next(r for r in rows if r["task"] == task)
         ax_score.set_ylabel(f"{task}\n{first['metric']}: mean of last {first['k']}")
         ax_mse.set_ylabel("val action MSE")
+        ax_score.set_ylim(0, 1)  # every metric is a success fraction: near-zero stays small
         for ax in (ax_score, ax_mse):
             ax.set_xticks(range(len(gs)), [f"G = {g}" for g in gs])
     axes[0][0].legend(fontsize=7, ncol=2)

@@ -96,6 +96,23 @@ def test_cells_train_through_overrides_and_are_scored_by_dp_protocol(tmp_path):
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
 
 
+def test_best_recipe_lists_those_whose_seed_spread_overlaps_it():
+    def row(recipe, mean, std, mse=0.1):
+        return {"task": "t", "recipe": recipe, "score_last_k": {"mean": mean, "std": std},
+                "val_action_mse": {"mean": mse, "std": 0.0}}
+
+    rows = [row("a", 0.50, 0.05), row("b", 0.42, 0.04), row("c", 0.40, 0.04),
+            row("d", 0.02, 0.01), row("e", 0.50, 0.05, mse=0.05), row("f", None, None)]
+    rows[-1]["score_last_k"] = None  # no rollout yet: not ranked
+    best = recipe_sweep.best_recipes(rows)["t"]
+    # a tie on score goes to the lower val MSE; b's 0.46 reaches a's 0.45, c's 0.44 does not
+    assert best["recipe"] == "e" and best["within_one_std"] == ["a", "b"]
+    # scores at the noise floor (BlockPush at 1,500 steps) are all indistinguishable, float
+    # rounding included (0.02 - 0.01 vs 0.01 + 0.0)
+    floor = [row("g4", 0.02, 0.01), row("g8", 0.01, 0.0), row("g2", 0.005, 0.005)]
+    assert recipe_sweep.best_recipes(floor)["t"]["within_one_std"] == ["g8", "g2"]
+
+
 def test_finished_cells_are_skipped_and_interrupted_ones_resume(tmp_path):
     fake = FakeTrainer()
     recipe_sweep.main(_args(tmp_path), train=fake)
