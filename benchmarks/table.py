@@ -173,8 +173,8 @@ def train(task: str, spec: TaskSpec, policy: str, seed: int, minutes: float, arg
         run_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(plan_path) as tmp:
             tmp.write_text(json.dumps(plan))
-    steps = plan["planned_steps"]
-    every = max(steps // args.rollouts, 1)
+    every = max(plan["planned_steps"] // args.rollouts, 1)
+    steps = every * args.rollouts  # the last periodic rollout is the final one (no near-repeat)
     resume = (run_dir / "checkpoints" / "latest").is_dir()
     ws = TrainWorkspace(_config(task, policy, seed, run_dir, args, [
         f"training.num_steps={steps}", f"training.max_minutes={plan['minutes']}",

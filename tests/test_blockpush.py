@@ -175,6 +175,25 @@ def test_oracle_solves_both_blocks_into_distinct_targets(seed):
     assert info[f"target_{b0}_{t0}"] < info[f"target_{b1}_{t1}"] == info["success_step"]
 
 
+def test_dart_demos_execute_noise_and_label_the_oracles_correction():
+    sigma = 0.02
+    ep = collect_episode(0, action_noise=sigma)
+    obs, action = ep["obs"], ep["action"]
+    executed = obs[1:, 8:10]  # the effector target the env actually ran after each label
+    noise = executed - action[:-1]
+    assert 0.5 * sigma < noise.std() < 1.5 * sigma and np.abs(noise.mean()) < sigma / 2
+    # each label moves at most 3 cm from the target that was executed, so the oracle continued
+    # from the perturbed state (from its own clean command it would be up to 3 cm + noise away)
+    assert np.linalg.norm(action[1:] - executed, axis=1).max() <= 0.03 + 1e-5
+    assert np.linalg.norm(action[1:] - action[:-1], axis=1).max() > 0.03 + 1e-3  # noise shows
+    again = collect_episode(0, action_noise=sigma)  # seeded by the episode seed
+    np.testing.assert_array_equal(again["action"], action)
+    plain = collect_episode(0, action_noise=0.0)
+    np.testing.assert_array_equal(plain["obs"], collect_episode(0)["obs"])
+    with pytest.raises(ValueError, match="action_noise: expected sigma >= 0"):
+        collect_episode(0, action_noise=-0.01)
+
+
 def test_oracle_draws_all_four_assignments_across_seeds():
     drawn = [draw_assignment(seed) for seed in range(40)]
     counts = [drawn.count(a) for a in ASSIGNMENTS]
@@ -218,6 +237,12 @@ def test_demos_cli_writes_dps_layout(tmp_path, capsys):
     ep = collect_episode(3)
     np.testing.assert_array_equal(buf["obs"][: len(ep["obs"])], ep["obs"])
     np.testing.assert_array_equal(buf["action"][: len(ep["action"])], ep["action"])
+    noisy = tmp_path / "bp_dart.zarr"
+    assert make_demos.main(["blockpush", "--episodes", "1", "--out", str(noisy),
+                            "--workers", "1", "--seed", "3", "--action-noise", "0.01"]) == 0
+    ep = collect_episode(3, action_noise=0.01)
+    np.testing.assert_array_equal(ReplayBuffer.load(noisy, keys=["action"])["action"][:],
+                                  ep["action"])
 
 
 def test_task_config_trains_and_evaluates_with_p1_p2(tmp_path):

@@ -46,12 +46,15 @@ class DemoTask:
         over all episodes run and printed next to the success rate.
     write: the writer, (path, episodes, **flags) -> number written, or "module:function".
     flags: the task's boolean options, {name: help}; `--name` on the command line.
+    options: the collector's numeric options, {name: help}; `--name X` (float, default 0),
+        passed to `collect` only (they change how episodes are run, not how they are written).
     """
 
     collect: str
     write: Callable[..., int] | str
     help: str
     flags: dict[str, str] = field(default_factory=dict)
+    options: dict[str, str] = field(default_factory=dict)
     fps: int = 10
     layout: str = "generic"  # LeRobot feature layout: "pusht" or "generic"
     arrays: Callable[..., dict] | None = None  # episode -> {key: [L, ...]} for --format lerobot
@@ -90,7 +93,9 @@ TASKS: dict[str, DemoTask] = {
         collect="envs.blockpush.expert:collect_episode",
         write=write_zarr_replay,
         help="BlockPush (two blocks, two targets; multimodal oracle): zarr replay buffer with "
-             "obs (16) and action (2); prints the oracle's p1/p2"),
+             "obs (16) and action (2); prints the oracle's p1/p2",
+        options={"action_noise": "DART demos: execute the oracle's target plus N(0, X^2) "
+                                 "metres per axis, record the oracle's clean target (default 0)"}),
     "kitchen": DemoTask(
         collect="envs.kitchen.expert:collect_episode",
         write=write_zarr_replay, fps=12,  # 12.5 Hz; LeRobot stores an integer fps
@@ -125,15 +130,15 @@ def resolve(name: str) -> Callable:
     return getattr(importlib.import_module(module), function)
 
 
-def _run_episode(collect: str, flags: dict[str, bool], seed: int) -> dict:
+def _run_episode(collect: str, kwargs: dict[str, bool | float], seed: int) -> dict:
     """Worker entry point: import the collector named `collect` and run episode `seed`."""
-    return resolve(collect)(seed, **flags)
+    return resolve(collect)(seed, **kwargs)
 
 
 def _episodes(task: DemoTask, seeds: list[int], workers: int,
-              flags: dict[str, bool]) -> Iterator[dict]:
+              kwargs: dict[str, bool | float]) -> Iterator[dict]:
     """Collected episodes in seed order; a process pool when workers > 1."""
-    run = functools.partial(_run_episode, task.collect, flags)
+    run = functools.partial(_run_episode, task.collect, kwargs)
     if workers <= 1:
         yield from map(run, seeds)
         return
@@ -164,6 +169,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="parallel processes (default: all cores)")
         for flag, flag_help in task.flags.items():
             sub.add_argument(f"--{flag}", action="store_true", help=flag_help)
+        for option, option_help in task.options.items():
+            sub.add_argument(f"--{option.replace('_', '-')}", dest=option, type=float,
+                             default=0.0, metavar="X", help=option_help)
     return parser
 
 
@@ -174,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(exit_.code or 0)
     task = TASKS[args.task]
     flags = {name: getattr(args, name) for name in task.flags}
+    options = {name: getattr(args, name) for name in task.options}
     out: Path = args.out
     if args.episodes < 1:
         print("error: --episodes must be at least 1", file=sys.stderr)
@@ -202,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_postfix(success=f"{counts['kept']}/{counts['run']}")
 
     try:  # the writer builds the file under a temporary name and moves it into place
-        episodes = successful(_episodes(task, seeds, workers, flags))
+        episodes = successful(_episodes(task, seeds, workers, {**flags, **options}))
         if args.format == "lerobot":
             write_lerobot_demos(out, episodes, task, args.task, **flags)
         else:

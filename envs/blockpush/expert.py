@@ -154,25 +154,40 @@ def draw_assignment(seed: int) -> tuple:
     return ASSIGNMENTS[int(np.random.default_rng([seed, 1]).integers(len(ASSIGNMENTS)))]
 
 
-def collect_episode(seed: int, max_steps: int = MAX_EPISODE_STEPS) -> dict:
+def collect_episode(seed: int, max_steps: int = MAX_EPISODE_STEPS,
+                    action_noise: float = 0.0) -> dict:
     """Run the oracle on the env's layout for `seed` (assignment drawn from `seed` too).
 
+    `action_noise` = sigma > 0 collects DART-style demos (Laskey et al., 2017): the env executes
+    the oracle's target plus N(0, sigma^2) per axis (metres; seeded by `seed`), the recorded
+    label stays the oracle's clean target, and the oracle continues from the executed target
+    (the observation's effector target), so its next label is the correction from the perturbed
+    state. The data then visits the off-path states a learned policy drifts into, with the
+    recovery the oracle would make. sigma = 0 (default) is the plain oracle, bit for bit.
+
     Returns {"obs": float32 [T, 16] (observation before each action), "action": float32 [T, 2]
-    (absolute effector targets), "success": bool (both blocks in distinct targets, p2),
-    "metrics": {"p1": 0/1, "p2": 0/1}, "assignment": ((block, target), (block, target)),
-    "final_info": the env's info after the last step (reward events, total_reward)}.
+    (absolute effector targets, the oracle's), "success": bool (both blocks in distinct
+    targets, p2), "metrics": {"p1": 0/1, "p2": 0/1}, "assignment": ((block, target), (block,
+    target)), "final_info": the env's info after the last step (reward events, total_reward)}.
     """
+    if action_noise < 0:
+        raise ValueError(f"action_noise: expected sigma >= 0 (metres), got {action_noise}")
     assignment = draw_assignment(seed)
     oracle = MultimodalPushOracle(assignment)
+    noise = np.random.default_rng([seed, 2])
     env = BlockPushMultimodalEnv(abs_action=True, max_episode_steps=max_steps)
     try:
         obs, info = env.reset(seed=seed)
         observations, actions = [], []
         done = False
         while not done:
+            if action_noise > 0 and oracle.command is not None:  # continue from what ran
+                oracle.command = obs[OBS_LAYOUT["effector_target_translation"]].astype(np.float64)
             action = oracle.act(obs)
             observations.append(obs)
             actions.append(action.astype(np.float32))
+            if action_noise > 0:
+                action = action + noise.normal(0.0, action_noise, size=action.shape)
             obs, _, terminated, truncated, info = env.step(action)
             done = terminated or truncated
     finally:
