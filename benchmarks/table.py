@@ -259,12 +259,17 @@ def final_policy(run: dict, sampler: str | None):
     return policy
 
 
-def final_score(run: dict, policy, metric: str, args) -> float:
-    """The final weights on the test seeds (for a sampler the periodic rollouts did not use)."""
-    result = evaluate(run["run_dir"] / "checkpoints" / "latest", run["run_dir"] / "eval_final",
-                      n_test=args.n_test, n_envs=args.n_envs, n_videos=0, policy=policy,
-                      progress=False)
-    return result[metric]
+def final_score(run: dict, policy, sampler: str, metric: str, args) -> tuple[float, float]:
+    """The final weights on the test seeds with `sampler` (one the periodic rollouts did not
+    use): (score, seconds of that evaluation). Kept in run_dir/eval_final_SAMPLER/eval.json and
+    read back when it scored the same number of test seeds."""
+    out = run["run_dir"] / f"eval_final_{sampler}"
+    kept = out / "eval.json"
+    result = json.loads(kept.read_text()) if kept.is_file() else None
+    if result is None or result["n_test"] != args.n_test:
+        result = evaluate(run["run_dir"] / "checkpoints" / "latest", out, n_test=args.n_test,
+                          n_envs=args.n_envs, n_videos=0, policy=policy, progress=False)
+    return result[metric], result["eval_seconds"]
 
 
 def latency_ms(policy) -> float:
@@ -287,19 +292,25 @@ def task_rows(task: str, spec: TaskSpec, minutes: float, args) -> list[dict]:
         per_seed = []
         for run in runs[policy]:
             policy_ = final_policy(run, None if policy == "drifting" else name)
-            if final_sampler:  # scored once, on the final weights
-                score = final_score(run, policy_, spec.metric, args)
-                at_time = at_steps = {"max": score, "last_k": score, "k": 1}
+            eval_seconds = run["rollout_seconds"]
+            if final_sampler:  # scored once, on the final weights: no curve, so no score at
+                # equal steps (unless the run stopped there) and no time to reach S
+                score, seconds = final_score(run, policy_, final_sampler, spec.metric, args)
+                eval_seconds += seconds
+                at_time = {"max": score, "last_k": score, "k": 1}
+                at_steps = at_time if run["steps"] <= equal_steps else None
+                reach = None
             else:
                 at_time = protocol(run["curve"], k=args.last_k)
                 at_steps = protocol(run["curve"], equal_steps, k=args.last_k)
+                reach = time_to_reach(run["curve"], spec.target)
             per_seed.append({
                 "seed": run["run_dir"].name, "latency_ms": latency_ms(policy_),
                 "equal_time": at_time, "equal_steps": at_steps, "steps": run["steps"],
                 "train_minutes": run["train_seconds"] / 60,
-                "total_minutes": (run["train_seconds"] + run["rollout_seconds"]) / 60,
+                "total_minutes": (run["train_seconds"] + eval_seconds) / 60,
                 "samples_seen": run["steps"] * run["batch_size"],
-                "time_to_target_minutes": time_to_reach(run["curve"], spec.target),
+                "time_to_target_minutes": reach,
                 "curve": [] if final_sampler else [  # (minutes incl. evaluation, score)
                     [(c["train_seconds"] + c["rollout_seconds"]) / 60, c["score"]]
                     for c in run["curve"]],
@@ -384,16 +395,17 @@ def write_markdown(table: dict, md: Path, readme: Path) -> None:
 
 
 def plot_curves(table: dict, path: Path) -> None:
-    """Score vs minutes of training plus periodic evaluation, one panel per task, one line per
-    policy and seed (the equal-time runs)."""
+    """Score vs minutes of training plus periodic evaluation, one panel per task with curves,
+    one line per policy and seed (the equal-time runs); a policy scored on its final weights
+    only (DDPM-100 on a CPU) is one marker per seed at its minutes including that evaluation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in table["rows"] if r["budget"] == "equal_time"
-            and any(s.get("curve") for s in r["per_seed"])]
-    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    rows = [r for r in table["rows"] if r["budget"] == "equal_time"]
+    tasks = list(dict.fromkeys(r["task"] for r in rows
+                               if any(s.get("curve") for s in r["per_seed"])))
     if not tasks:
         return
     cols = min(3, len(tasks))
@@ -401,10 +413,15 @@ def plot_curves(table: dict, path: Path) -> None:
                              figsize=(4.2 * cols, 3.2 * ((len(tasks) + cols - 1) // cols)))
     for ax, task in zip(axes.flat, tasks):
         for i, r in enumerate(r for r in rows if r["task"] == task):
-            for j, s in enumerate(s for s in r["per_seed"] if s.get("curve")):
-                x, y = zip(*s["curve"])
-                ax.plot(x, y, color=f"C{i}", marker=".", lw=1, alpha=0.9 - 0.3 * j,
-                        label=f"{r['policy']} ({r['nfe']} NFE)" if j == 0 else None)
+            label = f"{r['policy']} ({r['nfe']} NFE)"
+            for j, s in enumerate(r["per_seed"]):
+                if s.get("curve"):
+                    x, y = zip(*s["curve"])
+                    ax.plot(x, y, color=f"C{i}", marker=".", lw=1, alpha=0.9 - 0.3 * j,
+                            label=label if j == 0 else None)
+                elif s.get("equal_time"):  # final weights only
+                    ax.plot(s["total_minutes"], s["equal_time"]["max"], color=f"C{i}",
+                            marker="*", ms=9, ls="", label=f"{label}, final" if j == 0 else None)
         ax.axhline(next(r["target"] for r in rows if r["task"] == task), color="grey", ls=":",
                    lw=0.8)
         ax.set_title(task, fontsize=9)
@@ -413,7 +430,7 @@ def plot_curves(table: dict, path: Path) -> None:
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
-    fig.suptitle("score vs wall-clock on this CPU (one line per training seed; dotted: target S)",
+    fig.suptitle("score vs wall-clock on this CPU\n(one line per training seed; dotted: target S)",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)

@@ -61,7 +61,9 @@ def test_curves_figure_has_a_panel_per_task_with_curves(tmp_path):
         {"curve": [[1.0, 0.1], [2.0, 0.4 + i]]} for i in (0.0, 0.1)]}
         for task in ("a", "b") for policy in ("drifting", "ddpm100")]
     rows.append({**_row("ddpm100", "equal_time", 0.5, 0.1), "task": "c",  # final-only scores
-                 "per_seed": [{"curve": []}]})
+                 "per_seed": [{"curve": [], "total_minutes": 3.0,
+                               "equal_time": {"max": 0.6, "last_k": 0.6, "k": 1}}]})
+    rows.append({**rows[-1], "task": "a", "policy": "ddpm100_final"})  # a marker in panel a
     table.plot_curves({"rows": rows}, tmp_path / "curves.png")
     from PIL import Image
     width, height = Image.open(tmp_path / "curves.png").size
@@ -106,12 +108,12 @@ def test_runs_keep_their_plan_resume_and_are_read_back_when_finished(tmp_path, m
     spec = table.TASKS["pusht_lowdim"]
     first = table.train("pusht_lowdim", spec, "drifting", 42, 1.0, args)
     run_dir = tmp_path / "pusht_lowdim" / "drifting_seed42"
-    # planned 60 s / 0.4 s per step = 150 steps, a rollout every 37; the budget stops at 148
+    # planned 60 s / 0.4 s per step = 150 steps: 4 rollouts of 37 steps, the last at the end
     assert (first["planned_steps"], first["steps"], len(probes)) == (150, 148, 1)
     assert [c["step"] for c in first["curve"]] == [37, 74, 111, 148]
-    assert first["curve"][-1]["score"] == pytest.approx(148 / 150)
+    assert first["curve"][-1]["score"] == pytest.approx(1.0)
     cfg = FakeWorkspace.configs[-1]
-    assert (cfg.training.num_steps, cfg.training.rollout_every, cfg.resume) == (150, 37, False)
+    assert (cfg.training.num_steps, cfg.training.rollout_every, cfg.resume) == (148, 37, False)
     assert table.train("pusht_lowdim", spec, "drifting", 42, 1.0, args) == first
     assert len(FakeWorkspace.configs) == 1  # a finished run is read back, not trained
     # interrupted: no run.json, a checkpoint to continue from; the machine got slower since
@@ -120,7 +122,7 @@ def test_runs_keep_their_plan_resume_and_are_read_back_when_finished(tmp_path, m
     monkeypatch.setattr(table, "seconds_per_step", lambda *a: probes.append(a) or 5.0)
     again = table.train("pusht_lowdim", spec, "drifting", 42, 1.0, args)
     cfg = FakeWorkspace.configs[-1]
-    assert (cfg.training.num_steps, cfg.resume, len(probes)) == (150, True, 1)  # same plan
+    assert (cfg.training.num_steps, cfg.resume, len(probes)) == (148, True, 1)  # same plan
     assert again["steps"] == 148 and again["seconds_per_step"] == 0.4
     # another seed plans with the finished run's measured step time (0.5 s), not a probe
     probes.clear()
@@ -135,6 +137,27 @@ def test_runs_keep_their_plan_resume_and_are_read_back_when_finished(tmp_path, m
     args.periodic_sampler = "ddpm100"
     with pytest.raises(SystemExit, match="started with --periodic-sampler ddim10"):
         table.train("pusht_lowdim", spec, "diffusion", 42, 1.0, args)
+
+
+def test_final_scores_are_kept_per_sampler_and_read_back(tmp_path, monkeypatch):
+    calls = []
+
+    def evaluate(checkpoint, out, n_test, **kw):
+        calls.append(n_test)
+        out.mkdir(parents=True, exist_ok=True)
+        result = {"mean_score": 0.25 * n_test, "n_test": n_test, "eval_seconds": 3.0 * n_test}
+        (out / "eval.json").write_text(json.dumps(result))
+        return result
+    monkeypatch.setattr(table, "evaluate", evaluate)
+    run = {"run_dir": tmp_path}
+    args = table.argparse.Namespace(n_test=2, n_envs=1)
+    assert table.final_score(run, None, "ddpm100", "mean_score", args) == (0.5, 6.0)
+    assert (tmp_path / "eval_final_ddpm100" / "eval.json").is_file() and calls == [2]
+    assert table.final_score(run, None, "ddpm100", "mean_score", args) == (0.5, 6.0)
+    assert calls == [2]  # read back, not evaluated again
+    args.n_test = 3  # a different number of test seeds is evaluated anew
+    assert table.final_score(run, None, "ddpm100", "mean_score", args) == (0.75, 9.0)
+    assert calls == [2, 3]
 
 
 @pytest.mark.slow
