@@ -25,7 +25,9 @@ batch-1 latency, the total minutes of training plus periodic rollouts, and the t
 score S (evaluation included).
 
 Runs are resumable across sessions: a finished run (work/TASK/POLICY_seedS/run.json) is read
-back, an interrupted one continues from its last checkpoint with its original step plan.
+back, an interrupted one continues from its last checkpoint with its original step plan,
+and a final DDPM-100 evaluation (work/TASK/diffusion_seedS/eval_final_ddpm100/) is read back
+too, so regenerating a task's rows after its runs costs seconds.
 `--jobs 2` trains drifting and diffusion of a seed side by side, one thread each.
 
 Writes benchmarks/results/table_cpu.json and .md beside it, and replaces the README's table
