@@ -43,6 +43,12 @@ def latency(checkpoint: Path, k: int, device: str, calls: int, warmup: int) -> d
             "p90_ms": statistics.quantiles(times, n=10)[-1]}
 
 
+def task_metrics(result: dict) -> dict[str, float]:
+    """The runner's scores in an eval result: mean_score and the task's own (BlockPush p1/p2,
+    Kitchen p1..p7), without its timing."""
+    return {k: v for k, v in result.items() if isinstance(v, float) and k != "eval_seconds"}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", type=Path, required=True)
@@ -61,11 +67,13 @@ def main() -> None:
     for k in args.k:
         r = evaluate(args.checkpoint, args.work / f"k{k}", args.n_test, args.n_envs,
                      n_videos=0, device=device, n_samples=k, progress=False)
-        row = {"k": k, "mean_score": r["mean_score"], "n_test": r["n_test"],
+        metrics = task_metrics(r)
+        row = {"k": k, **metrics, "n_test": r["n_test"],
                "scores": [s["score"] for s in r["per_seed"]], "eval_seconds": r["eval_seconds"],
                **latency(args.checkpoint, k, device, args.calls, args.warmup)}
         rows.append(row)
-        print(f"K={k:>3}  mean_score {row['mean_score']:.3f} over {row['n_test']}  "
+        scores = "  ".join(f"{name} {value:.3f}" for name, value in metrics.items())
+        print(f"K={k:>3}  {scores} over {row['n_test']}  "
               f"latency median {row['median_ms']:.2f} ms  p90 {row['p90_ms']:.2f} ms", flush=True)
     base = rows[0]
     for r in rows:
