@@ -274,6 +274,16 @@ def test_pybullet_is_in_direct_mode(env):
     assert env.scene.client.getConnectionInfo()["connectionMethod"] == pybullet.DIRECT
 
 
+def test_connecting_prints_nothing_and_python_output_survives(capfd):
+    env = BlockPushMultimodalEnv()
+    print("before")
+    env.reset(seed=0)
+    env.reset(seed=1)
+    print("after")
+    env.close()
+    assert capfd.readouterr().out == "before\nafter\n"  # no "argv[0]=" per connect
+
+
 class _OraclePolicy:
     """The oracle behind the policy API the runner drives: obs {"obs": [N, To, 16]} ->
     {"action": [N, 1, 2]}; env i pushes in the order ASSIGNMENTS[i % 4]."""

@@ -40,7 +40,11 @@ diffusion_policy/env/block_pushing), rebuilt on pybullet in DIRECT mode with our
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -145,6 +149,22 @@ def yaw_quaternion(yaw: float) -> tuple[float, float, float, float]:
     return pybullet.getQuaternionFromEuler((0.0, 0.0, float(yaw)))
 
 
+@contextlib.contextmanager
+def _silent_c_stdout() -> Iterator[None]:
+    """Point file descriptor 1 at /dev/null for the block: pybullet's C code prints "argv[0]="
+    on every connect, one line per episode in evaluation logs."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 1)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+
 class BlockPushScene:
     """The pybullet world of one episode (its own DIRECT client), objects placed at `layout`.
 
@@ -154,7 +174,8 @@ class BlockPushScene:
     """
 
     def __init__(self, layout: Layout) -> None:
-        self.client = c = bullet_client.BulletClient(connection_mode=pybullet.DIRECT)
+        with _silent_c_stdout():
+            self.client = c = bullet_client.BulletClient(connection_mode=pybullet.DIRECT)
         c.setPhysicsEngineParameter(fixedTimeStep=1.0 / SIM_HZ)
         c.setGravity(0, 0, -9.8)
         floor = c.createMultiBody(
