@@ -383,7 +383,8 @@ def markdown(table: dict) -> str:
     meta = table["meta"]
     lines.append(f"\nHeld-out test seeds 100000 + i; {meta['machine']} CPU. Per task:\n")
     for task, m in meta["tasks"].items():
-        lines.append(f"- {task}: {m['seeds']} training seeds x {m['minutes']:g} min of training, "
+        seeds = f"{m['seeds']} training seed{'s' * (m['seeds'] != 1)}"
+        lines.append(f"- {task}: {seeds} x {m['minutes']:g} min of training, "
                      f"{m['rollouts_per_run']} rollouts of {m['n_test']} test seeds, last "
                      f"{m['last_k']}; `{m['command']}`")
     return "\n".join(lines) + "\n"
