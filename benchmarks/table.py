@@ -502,8 +502,8 @@ def main() -> int:
                 "command": "python benchmarks/table.py " + " ".join(sys.argv[1:])}}}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(table, indent=1, default=str))
-        meta = {**table["meta"], "tasks": {task: table["meta"]["tasks"][task]}}
-        print(markdown({"rows": rows, "meta": meta}), flush=True)
+        this_task = {**table["meta"], "tasks": {task: table["meta"]["tasks"][task]}}
+        print(markdown({"rows": rows, "meta": this_task}), flush=True)
     write_markdown(table, args.out.with_suffix(".md"), args.readme)
     plot_curves(table, curves)
     return 0

@@ -164,7 +164,6 @@ def _silent_c_stdout() -> Iterator[None]:
         os.close(saved)
 
 
-
 class BlockPushScene:
     """The pybullet world of one episode (its own DIRECT client), objects placed at `layout`.
 
