@@ -20,7 +20,6 @@ from torch.utils._pytree import tree_leaves
 
 from drifting_policy import train as train_module
 from drifting_policy.config import compose
-from drifting_policy.data.replay_buffer import ReplayBuffer
 from drifting_policy.nn.normalizer import LinearNormalizer
 from drifting_policy.nn.unet1d import ConditionalUnet1D
 from drifting_policy.policy import config_from_dict, make_policy
@@ -269,21 +268,6 @@ def test_predict_action_on_the_device_seeded_noise_drawn_on_the_generator(task, 
 
 
 # ------------------------------------------------------------------------------ training
-@pytest.fixture(scope="module")
-def pusht_zarr(tmp_path_factory):
-    """Synthetic PushT episodes in Diffusion Policy's zarr layout (uint8 96x96 images)."""
-    rng = np.random.default_rng(0)
-    buf = ReplayBuffer.empty()
-    for n in (20, 24, 18):
-        buf.add_episode({"img": rng.integers(0, 256, (n, 96, 96, 3)).astype(np.uint8),
-                         "state": rng.uniform(0, 512, (n, 5)).astype(np.float32),
-                         "keypoint": rng.uniform(0, 512, (n, 9, 2)).astype(np.float32),
-                         "action": rng.uniform(0, 512, (n, 2)).astype(np.float32)})
-    path = tmp_path_factory.mktemp("data") / "pusht.zarr"
-    buf.save(path)
-    return path
-
-
 def _workspace(task, policy, data, run_dir, device, *extra) -> TrainWorkspace:
     return TrainWorkspace(_policy_cfg(
         task, policy, f"task.dataset.path={data}", f"run_dir={run_dir}", f"device={device}",
@@ -302,16 +286,16 @@ def _state_devices(ws: TrainWorkspace) -> list[str]:
 
 
 @pytest.mark.parametrize("task, policy", CASES)
-def test_training_step_and_resume_on_the_device(task, policy, pusht_zarr, tmp_path):
+def test_training_step_and_resume_on_the_device(task, policy, random_pusht_zarr, tmp_path):
     """A workspace with device=meta trains without a stray CPU tensor or a host sync, and so
     does one resumed (weights, optimiser, EMA, RNG) from a checkpoint written on the CPU."""
-    cpu = _workspace(task, policy, pusht_zarr, tmp_path, "cpu")
+    cpu = _workspace(task, policy, random_pusht_zarr, tmp_path, "cpu")
     cpu.train_step(next(iter(cpu.loader)))
     cpu.step = 1
     cpu.save("latest")
 
-    for ws in (_workspace(task, policy, pusht_zarr, tmp_path / "fresh", "meta"),
-               _workspace(task, policy, pusht_zarr, tmp_path, "meta", "resume=true")):
+    for ws in (_workspace(task, policy, random_pusht_zarr, tmp_path / "fresh", "meta"),
+               _workspace(task, policy, random_pusht_zarr, tmp_path, "meta", "resume=true")):
         assert ws.policy.device == META
         batch = next(iter(ws.loader))
         with DeviceGuard(cpu_allowed=False) as g:
@@ -322,10 +306,10 @@ def test_training_step_and_resume_on_the_device(task, policy, pusht_zarr, tmp_pa
     assert ws.step == 1 and ws.ema.optimization_step == 2  # resumed, then one more step
 
 
-def test_time_budget_is_broadcast_as_a_device_tensor(pusht_zarr, tmp_path, monkeypatch):
+def test_time_budget_is_broadcast_as_a_device_tensor(random_pusht_zarr, tmp_path, monkeypatch):
     """Under DDP rank 0's decision travels in a tensor on the workspace's device (NCCL refuses
     CPU tensors)."""
-    ws = _workspace("pusht_lowdim", "drifting", pusht_zarr, tmp_path, "meta")
+    ws = _workspace("pusht_lowdim", "drifting", random_pusht_zarr, tmp_path, "meta")
     seen = []
 
     def broadcast(tensor, src):
@@ -339,14 +323,14 @@ def test_time_budget_is_broadcast_as_a_device_tensor(pusht_zarr, tmp_path, monke
     assert seen == [META]
 
 
-def test_host_copies_only_on_log_steps_and_bf16_autocast(pusht_zarr, tmp_path, monkeypatch):
+def test_host_copies_only_on_log_steps_and_bf16_autocast(random_pusht_zarr, tmp_path, monkeypatch):
     """The run loop reads the step's statistics (one host copy) only on logging steps; with
     training.precision=bf16 the networks run under bf16 autocast (CPU autocast here) while the
     drift loss stays float32."""
     copies, dtypes = [], []
     real_host = train_module._host
     monkeypatch.setattr(train_module, "_host", lambda v: copies.append(1) or real_host(v))
-    ws = _workspace("pusht_lowdim", "drifting", pusht_zarr, tmp_path, "cpu",
+    ws = _workspace("pusht_lowdim", "drifting", random_pusht_zarr, tmp_path, "cpu",
                     "training.precision=bf16", "training.num_steps=6", "training.log_every=3",
                     "training.val_every=0", "training.rollout_every=0",
                     "training.checkpoint_every=0")
@@ -361,5 +345,5 @@ def test_host_copies_only_on_log_steps_and_bf16_autocast(pusht_zarr, tmp_path, m
                                                          for r in losses)
     assert ws.train_step(next(iter(ws.loader)))["loss"].dtype == torch.float32
     with pytest.raises(ValueError, match="training.precision: expected one of"):
-        _workspace("pusht_lowdim", "drifting", pusht_zarr, tmp_path, "cpu",
+        _workspace("pusht_lowdim", "drifting", random_pusht_zarr, tmp_path, "cpu",
                    "training.precision=fp16")

@@ -145,6 +145,8 @@ def test_seeded_noise_is_what_predict_action_draws():
     ref = p.normalizer["action"].unnormalize(medoid(chunks))
     got = p.predict_action(obs, generator=torch.Generator().manual_seed(7), n_samples=4)
     torch.testing.assert_close(got["action_pred"], ref, rtol=0, atol=0)
+    torch.testing.assert_close(p.sample_chunks(obs, 4, torch.Generator().manual_seed(7)), chunks,
+                               rtol=0, atol=0)
 
 
 def test_seeded_noise_is_drawn_on_the_cpu_whatever_the_policy_device():

@@ -124,10 +124,24 @@ class ChunkPolicy(nn.Module):
         observation, the one `select` picks: "medoid" = the candidate with the least summed
         distance (normalised space) to the other K - 1, so the executed chunk stays in one mode.
         """
-        if n_samples < 1:
-            raise ValueError(f"n_samples: expected >= 1, got {n_samples}")
         if select not in SELECTIONS:
             raise ValueError(f"select: expected one of {SELECTIONS}, got {select!r}")
+        chunks = self.sample_chunks(obs_dict, n_samples, generator)
+        naction = medoid(chunks) if n_samples > 1 else chunks[:, 0]
+        action_pred = self.normalizer["action"].unnormalize(naction)
+        start = self.n_obs_steps - 1
+        return {"action": action_pred[:, start : start + self.n_action_steps],
+                "action_pred": action_pred}
+
+    @torch.no_grad()
+    def sample_chunks(
+        self, obs_dict: Mapping[str, torch.Tensor], n_samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """obs_dict {key: [B, >=To, *shape]} -> K = `n_samples` normalised chunks per
+        observation [B, K, T, Da], drawn in one batched pass (noise as in predict_action)."""
+        if n_samples < 1:
+            raise ValueError(f"n_samples: expected >= 1, got {n_samples}")
         cond = self._encode(self._check_obs(obs_dict))
         b = cond.shape[0]
         shape = (b * n_samples, self.horizon, self.action_dim)
@@ -135,12 +149,7 @@ class ChunkPolicy(nn.Module):
         noise = torch.randn(shape, device=noise_device, dtype=cond.dtype, generator=generator)
         cond = cond.repeat_interleave(n_samples, dim=0) if n_samples > 1 else cond
         naction = self.sample(noise.to(cond.device), cond, generator=generator)
-        if n_samples > 1:
-            naction = medoid(naction.reshape(b, n_samples, self.horizon, self.action_dim))
-        action_pred = self.normalizer["action"].unnormalize(naction)
-        start = self.n_obs_steps - 1
-        return {"action": action_pred[:, start : start + self.n_action_steps],
-                "action_pred": action_pred}
+        return naction.reshape(b, n_samples, self.horizon, self.action_dim)
 
     def compute_loss(self, batch: Mapping) -> torch.Tensor:
         """batch {"obs": ..., "action": [B, T, Da]} -> scalar training loss."""
