@@ -443,6 +443,22 @@ def plot_curves(table: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def merge(table: dict, task: str, rows: list[dict], task_meta: dict) -> dict:
+    """`table` with `task`'s rows and meta entry replaced by `rows` and `task_meta` (the other
+    tasks' kept); rows and meta entries in TASKS order, whichever task ran first."""
+    order = list(TASKS).index
+    tasks = {**table.get("meta", {}).get("tasks", {}), task: task_meta}
+    return {
+        "rows": sorted([r for r in table["rows"] if r["task"] != task] + rows,
+                       key=lambda r: order(r["task"])),
+        "meta": {
+            "torch": torch.__version__, "machine": platform.machine(),
+            "equal_steps": "each policy's rollouts up to the fewer steps of the two, from the "
+                           "equal-time runs",
+            "tasks": {t: tasks[t] for t in sorted(tasks, key=order)}},
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task names")
@@ -487,21 +503,15 @@ def main() -> int:
         train(tasks[0], TASKS[tasks[0]], policy, int(seed), minutes[tasks[0]], args)
         return 0
     table = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": []}
-    for task in tasks:  # a task's rows replace its previous ones; other tasks are kept
+    for task in tasks:
         rows = task_rows(task, TASKS[task], minutes[task], args)
-        table["rows"] = [r for r in table["rows"] if r["task"] != task] + rows
-        meta = table.get("meta", {})
-        table["meta"] = {
-            "torch": torch.__version__, "machine": platform.machine(),
-            "equal_steps": "each policy's rollouts up to the fewer steps of the two, from the "
-                           "equal-time runs",
-            "tasks": {**meta.get("tasks", {}), task: {
-                "seeds": args.seeds, "n_test": args.n_test, "size": args.size,
-                "minutes": minutes[task], "periodic_sampler": args.periodic_sampler,
-                "rollouts_per_run": args.rollouts, "last_k": args.last_k, "jobs": args.jobs,
-                "command": "python benchmarks/table.py " + " ".join(sys.argv[1:])}}}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(table, indent=1, default=str))
+        table = merge(table, task, rows, {
+            "seeds": args.seeds, "n_test": args.n_test, "size": args.size,
+            "minutes": minutes[task], "periodic_sampler": args.periodic_sampler,
+            "rollouts_per_run": args.rollouts, "last_k": args.last_k, "jobs": args.jobs,
+            "command": "python benchmarks/table.py " + " ".join(sys.argv[1:])})
+        with atomic_path(args.out) as tmp:  # a crash mid-write keeps the earlier tasks' rows
+            tmp.write_text(json.dumps(table, indent=1, default=str))
         this_task = {**table["meta"], "tasks": {task: table["meta"]["tasks"][task]}}
         print(markdown({"rows": rows, "meta": this_task}), flush=True)
     write_markdown(table, args.out.with_suffix(".md"), args.readme)

@@ -60,6 +60,22 @@ def test_verdict_and_generated_markdown(tmp_path):
             "`python table.py --tasks t`") in text
 
 
+def test_merge_replaces_one_tasks_rows_and_keeps_tasks_in_table_order():
+    def rows(task, policy="drifting"):
+        return [{"task": task, "policy": policy, "budget": b}
+                for b in ("equal_time", "equal_steps")]
+
+    merged = {"rows": rows("pusht_lowdim") + rows("kitchen_lowdim"),
+             "meta": {"tasks": {"pusht_lowdim": {"seeds": 2}, "kitchen_lowdim": {"seeds": 1}}}}
+    merged = table.merge(merged, "can_lowdim", rows("can_lowdim"), {"seeds": 1})
+    assert [r["task"] for r in merged["rows"]] == [
+        t for t in ("pusht_lowdim", "can_lowdim", "kitchen_lowdim") for _ in range(2)]
+    assert list(merged["meta"]["tasks"]) == ["pusht_lowdim", "can_lowdim", "kitchen_lowdim"]
+    merged = table.merge(merged, "pusht_lowdim", rows("pusht_lowdim", "ddim10"), {"seeds": 3})
+    assert [r["policy"] for r in merged["rows"][:2]] == ["ddim10", "ddim10"]
+    assert len(merged["rows"]) == 6 and merged["meta"]["tasks"]["pusht_lowdim"] == {"seeds": 3}
+
+
 def test_curves_figure_has_a_panel_per_task_with_curves(tmp_path):
     rows = [{**_row(policy, "equal_time", 0.5, 0.1), "task": task, "per_seed": [
         {"curve": [[1.0, 0.1], [2.0, 0.4 + i]]} for i in (0.0, 0.1)]}
