@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -91,7 +92,10 @@ def main() -> None:
               f"{r['mse_mean']:8.4f} {r['best_of_k']:8.4f} {r['spread']:7.4f} "
               f"{r['calibration']:6.2f}")
     with atomic_path(args.out) as tmp:
-        Path(tmp).write_text(json.dumps({"machine": platform.machine(), "rows": rows}, indent=1))
+        Path(tmp).write_text(json.dumps({
+            "machine": platform.machine(), "torch": torch.__version__,
+            "command": "python benchmarks/sample_spread.py " + " ".join(sys.argv[1:]),
+            "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
