@@ -13,7 +13,7 @@ the normalised action space ([-1, 1], as val/action_mse):
   distribution, E[mse_one] = 2 Var and this is 1. Above 1 the policy is too sure (its samples
   cluster tighter than they miss by); below 1 it is too spread out.
 
-    python benchmarks/sample_spread.py --out benchmarks/results/spread_can_cpu.json \
+    python benchmarks/sample_spread.py --out benchmarks/results/sample_spread_can_cpu.json \
         outputs/table/can_lowdim/drifting_seed42/checkpoints/*
 """
 
@@ -92,7 +92,7 @@ def main() -> None:
               f"{r['mse_mean']:8.4f} {r['best_of_k']:8.4f} {r['spread']:7.4f} "
               f"{r['calibration']:6.2f}")
     with atomic_path(args.out) as tmp:
-        Path(tmp).write_text(json.dumps({
+        tmp.write_text(json.dumps({
             "machine": platform.machine(), "torch": torch.__version__,
             "command": "python benchmarks/sample_spread.py " + " ".join(sys.argv[1:]),
             "rows": rows}, indent=1))
