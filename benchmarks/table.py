@@ -385,8 +385,8 @@ def markdown(table: dict) -> str:
     for task, m in meta["tasks"].items():
         seeds = f"{m['seeds']} training seed{'s' * (m['seeds'] != 1)}"
         lines.append(f"- {task}: {seeds} x {m['minutes']:g} min of training, "
-                     f"{m['rollouts_per_run']} rollouts of {m['n_test']} test seeds, last "
-                     f"{m['last_k']}; `{m['command']}`")
+                     f"{m['rollouts_per_run']} rollouts of {m['n_test']} test seeds "
+                     f"({m['n_envs']} envs at once), last {m['last_k']}; `{m['command']}`")
     return "\n".join(lines) + "\n"
 
 
@@ -469,7 +469,10 @@ def main() -> int:
                    help="DP's mean of the last k rollouts (DP: the last 10 of dozens of "
                         "checkpoints; here 3 of 10: the final 30%% of training)")
     p.add_argument("--n-test", type=int, default=50)
-    p.add_argument("--n-envs", type=int, default=2)
+    p.add_argument("--n-envs", type=int, default=2,
+                   help="env processes per rollout, stepped as one policy batch (a policy call "
+                        "costs about the same at batch 2 and 8 here: more envs cut evaluation "
+                        "where sampling dominates, e.g. DDPM-100, BlockPush's Ta = 1)")
     p.add_argument("--size", default="cpu")
     p.add_argument("--periodic-sampler", choices=sorted(SAMPLERS), default="ddim10",
                    help="diffusion's sampler for the periodic rollouts (ddim10: DDPM-100 then "
@@ -509,6 +512,7 @@ def main() -> int:
             "seeds": args.seeds, "n_test": args.n_test, "size": args.size,
             "minutes": minutes[task], "periodic_sampler": args.periodic_sampler,
             "rollouts_per_run": args.rollouts, "last_k": args.last_k, "jobs": args.jobs,
+            "n_envs": args.n_envs,
             "command": "python benchmarks/table.py " + " ".join(sys.argv[1:])})
         with atomic_path(args.out) as tmp:  # a crash mid-write keeps the earlier tasks' rows
             tmp.write_text(json.dumps(table, indent=1, default=str))

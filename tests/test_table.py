@@ -46,7 +46,7 @@ def test_verdict_and_generated_markdown(tmp_path):
     rows[0]["score_last_k"] = {"mean": 0.3, "std": 0.0}
     assert table.verdict(rows, "t", "equal_time") == "below"
     meta = {"machine": "x86_64", "tasks": {"t": {
-        "seeds": 2, "n_test": 50, "minutes": 30, "rollouts_per_run": 10, "last_k": 3,
+        "seeds": 2, "n_test": 50, "minutes": 30, "rollouts_per_run": 10, "n_envs": 2, "last_k": 3,
         "command": "python table.py --tasks t"}}}
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{table.README_BEGIN}\nold\n{table.README_END}\noutro\n")
@@ -56,8 +56,8 @@ def test_verdict_and_generated_markdown(tmp_path):
     assert "| t | drifting | mean_score | 0.80 ± 0.02 / 0.30 ± 0.00 |" in text
     assert "below / within spread |" in text
     assert (tmp_path / "table.md").read_text() in text
-    assert ("- t: 2 training seeds x 30 min of training, 10 rollouts of 50 test seeds, last 3; "
-            "`python table.py --tasks t`") in text
+    assert ("- t: 2 training seeds x 30 min of training, 10 rollouts of 50 test seeds "
+            "(2 envs at once), last 3; `python table.py --tasks t`") in text
 
 
 def test_merge_replaces_one_tasks_rows_and_keeps_tasks_in_table_order():
